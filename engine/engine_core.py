@@ -1,0 +1,77 @@
+"""EngineCore: the step loop — schedule, execute, update — over one scheduler, KV manager and executor."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.executor import Executor
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampler import TokenLogprobs
+from engine.scheduler import Scheduler, SchedulerStats
+from engine.config import EngineConfig
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int):
+        self.config = config
+        self.kv = KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len)
+        self.executor = executor
+        self.num_steps = 0
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def finish_request(self, request_id: str, stop_reason: str) -> None:
+        """Ends a request that the front end stopped (a stop string)."""
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            request.stop_reason = stop_reason
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.executor.execute(sched)
+        self.scheduler.update_from_output(sched.scheduled, result.sampled)
+        self.num_steps += 1
+        outputs = []
+        for item, token, logprobs in zip(sched.scheduled, result.sampled, result.logprobs):
+            request = item.request
+            prompt_logprobs = result.prompt_logprobs.get(request.request_id)
+            if token is None and prompt_logprobs is None:
+                continue
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[token] if token is not None else [],
+                new_logprobs=[logprobs] if logprobs is not None else [],
+                new_prompt_logprobs=prompt_logprobs,
+                finish_reason=request.status.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            ))
+        return outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,31 @@
+"""The executor interface (ARCHITECTURE.md, seam 5): `execute(scheduler_output) -> ModelRunnerOutput`.
+
+LocalExecutor runs the whole model in this process; cluster/ provides the AFD executor with the same contract.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.scheduler import SchedulerOutput
+from models.hf_config import TransformerConfig
+
+
+class Executor(Protocol):
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
+                 max_model_len: int):
+        self.runner = ModelRunner(config, model_dir, model_config, num_kv_blocks, max_model_len)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def shutdown(self) -> None:
+        pass

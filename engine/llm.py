@@ -1,0 +1,68 @@
+"""The offline API: `LLM(model=..., dtype=...).generate(prompts, params)` and `.chat(messages, params)`."""
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+def engine_config(model: str = "smollm2", dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
+                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, num_kv_blocks: int | None = None,
+                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
+                  max_num_batched_tokens: int = 2048, cache_dir=None) -> EngineConfig:
+    """The engine arguments as flat keywords (what the LLM class and the CLI take) folded into EngineConfig."""
+    return EngineConfig(
+        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir),
+        cache=CacheConfig(block_size, kv_cache_memory_gb, num_kv_blocks, enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+    )
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", **engine_args):
+        self.engine = LLMEngine(engine_config(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, params in zip(prompts, sampling_params):
+            rid = self.engine.new_request_id()
+            self.engine.add_request(rid, prompt, params)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished() and len(done) < len(wanted):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[rid] for rid in request_ids]
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return list(prompts)

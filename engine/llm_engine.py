@@ -1,0 +1,105 @@
+"""LLMEngine: the synchronous engine — input processing, the EngineCore, and output processing in one object.
+
+    add_request(id, prompt, params) -> validate, tokenize, fan out n children -> EngineCore.add_request
+    step() -> EngineCore.step() -> OutputProcessor.process() -> RequestOutputs (stop strings end requests here)
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.executor import LocalExecutor
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from models.hf_config import load_transformer_config, resolve_dtype
+from models.model_path import default_cache_dir, resolve_model_path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model_path(config.model.model, config.model.cache_dir or default_cache_dir())
+        self.model_config = load_transformer_config(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.max_model_len = self._max_model_len()
+        executor = LocalExecutor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
+        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self._ids = itertools.count()
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        elem = torch.empty(0, dtype=resolve_dtype(self.config.model.dtype, self.model_config)).element_size()
+        block_bytes = cache.block_size * self.model_config.kv_bytes_per_token * elem
+        return max(1, int(cache.kv_cache_memory_gb * 2**30 // block_bytes))
+
+    def _max_model_len(self) -> int:
+        cfg = self.model_config
+        limits = [self.config.model.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+                  self.num_kv_blocks * self.config.cache.block_size]
+        # Within the sliding window every layer attends to everything, so capping the length keeps us exact.
+        if cfg.sliding_window:
+            limits.append(cfg.sliding_window)
+        return min(limits)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        prompt_text, prompt_ids = self._tokenize_prompt(prompt)
+        max_tokens = self._max_tokens(params, len(prompt_ids))
+        child_params = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                        for i in range(params.n)]
+        child_ids = self.output_processor.add_request(request_id, prompt_text, prompt_ids, params, child_params)
+        for cid, cparams in zip(child_ids, child_params):
+            self.core.add_request(Request(cid, prompt_ids, cparams, self.eos_token_ids, max_tokens))
+
+    def _tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:3]}")
+        return None, ids
+
+    def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ValueError(f"prompt is {prompt_len} tokens; the context length is {self.max_model_len}, "
+                             f"which leaves no room for output")
+        if params.max_tokens is None:
+            return room
+        return min(params.max_tokens, room)
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort_requests(self.output_processor.abort(request_id))
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        outputs, stops = self.output_processor.process(self.core.step())
+        for child_id, stop in stops:
+            self.core.finish_request(child_id, stop)
+        return outputs
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

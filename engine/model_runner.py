@@ -1,0 +1,139 @@
+"""ModelRunner: owns the model and its KV cache; turns a SchedulerOutput into one forward pass and samples.
+
+Flat batch (ARCHITECTURE.md, seam 2): the step's chunks are laid end to end with no padding, decodes first:
+    input_ids[T], positions[T], slot_mapping[T]; per sequence its blocks; logits only at the rows that need them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+from kernels.attention import AttentionMetadata, PrefillSeq
+from models.hf_config import TransformerConfig, resolve_dtype
+from models.loader import load_model
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: list[int | None]  # per scheduled request, in the scheduler's order; None: mid-prompt chunk
+    logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # request id -> this chunk's
+
+
+@dataclass
+class FlatBatch:
+    order: list[int]  # scheduled index for each sequence in batch order (decodes first)
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_rows: list[tuple[int, int]]  # per batch sequence: (first row, count) whose logits are needed
+    wants_prompt_logprobs: list[bool]  # per batch sequence
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
+                 max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.block_size = config.cache.block_size
+        self.dtype = resolve_dtype(config.model.dtype, model_config)
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len)
+        shape = (num_kv_blocks, 2, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype) for _ in range(model_config.num_layers)]
+        self.sampler = Sampler()
+        self.default_generator = torch.Generator().manual_seed(config.model.seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in sched.finished_request_ids:
+            self.generators.pop(rid, None)
+        batch = self._build_batch(sched.scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        rows = torch.tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
+        logits = self.model.compute_logits(hidden[rows])
+        return self._sample(sched.scheduled, batch, logits)
+
+    # ---- batch ----------------------------------------------------------------------------------------------
+    def _build_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
+        bs = self.block_size
+        input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        for i in order:
+            item = scheduled[i]
+            start, n, blocks = item.start_pos, item.num_tokens, item.block_ids
+            row = len(input_ids)
+            input_ids += item.token_ids
+            pos = range(start, start + n)
+            positions += pos
+            slots += [blocks[p // bs] * bs + p % bs for p in pos]
+            seq_len = start + n
+            if n == 1:
+                decode_tables.append(blocks)
+                decode_lens.append(seq_len)
+            else:
+                prefills.append(PrefillSeq(row, n, seq_len, torch.tensor(blocks[:-(-seq_len // bs)])))
+            wants_prompt_logprobs = (item.request.sampling_params.prompt_logprobs is not None
+                                     and start < item.request.num_prompt_tokens - 1)
+            wants_prompt.append(wants_prompt_logprobs)
+            logits_rows.append((row, n) if wants_prompt_logprobs else (row + n - 1, 1))
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_size=bs,
+            num_decodes=len(decode_lens),
+            decode_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                                             dtype=torch.long).view(len(decode_tables), max_blocks),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
+            decode_max_seq_len=max(decode_lens, default=0),
+            prefills=prefills,
+        )
+        return FlatBatch(order, torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta,
+                         logits_rows, wants_prompt)
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def _sample(self, scheduled: list[ScheduledRequest], batch: FlatBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+        out = ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
+        last_rows, sampling_items = [], []
+        offset = 0
+        for i, (_, count), wants_prompt in zip(batch.order, batch.logits_rows, batch.wants_prompt_logprobs):
+            item = scheduled[i]
+            chunk_logits = logits[offset:offset + count]
+            offset += count
+            if wants_prompt:
+                self._prompt_logprobs(item, chunk_logits, out)
+            if item.samples:
+                last_rows.append(offset - 1)
+                sampling_items.append(i)
+        if sampling_items:
+            requests = [scheduled[i].request for i in sampling_items]
+            generators = [self._generator(r) for r in requests]
+            tokens, logprobs = self.sampler(logits[last_rows], requests, generators)
+            for i, tok, lp in zip(sampling_items, tokens, logprobs):
+                out.sampled[i], out.logprobs[i] = tok, lp
+        return out
+
+    def _prompt_logprobs(self, item: ScheduledRequest, chunk_logits: torch.Tensor, out: ModelRunnerOutput) -> None:
+        request = item.request
+        prompt = request.prompt_token_ids
+        # Position p predicts prompt token p + 1; only prompt positions count (a recompute after preemption also
+        # covers output tokens, and their logprobs were already given).
+        n = max(0, min(item.num_tokens, len(prompt) - 1 - item.start_pos))
+        targets = prompt[item.start_pos + 1:item.start_pos + 1 + n]
+        out.prompt_logprobs[request.request_id] = prompt_logprobs_for_chunk(
+            chunk_logits[:n], targets, request.sampling_params.prompt_logprobs)
+
+    def _generator(self, request) -> torch.Generator:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return self.default_generator
+        gen = self.generators.get(request.request_id)
+        if gen is None:
+            gen = self.generators[request.request_id] = torch.Generator().manual_seed(seed)
+        return gen

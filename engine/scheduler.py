@@ -1,0 +1,190 @@
+"""Scheduler in the style of vLLM v1: one token budget per step, running requests first, then waiting ones.
+
+Each step every scheduled request is granted some tokens so that its computed tokens catch up with its known
+tokens: a decode gets 1, a prefill gets as many as the budget allows (chunked prefill), a prefix hit skips ahead.
+When blocks run out, the newest running request is preempted (recompute): its blocks are freed, its progress reset,
+and it goes to the front of the waiting queue. The scheduler holds no tensors: its output is plain data.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start_pos: int  # tokens before this chunk already have KV
+    num_tokens: int  # tokens in this chunk
+    block_ids: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start_pos:self.start_pos + self.num_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so the step produces the next token."""
+        return self.start_pos + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_request_ids: set[str] = field(default_factory=set)  # since the last step: executors drop their state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: set[str] = set()
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- schedule -------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new):
+                break  # the request itself was preempted: everything after it was too
+            out.scheduled.append(self._grant(request, num_new))
+            budget -= num_new
+            i += 1
+        preempted = self.num_preemptions > preemptions_before
+        # Admit waiting requests only when nothing was preempted this step, so a preempted request is not
+        # immediately re-admitted and thrashed.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            prefix = self.kv.find_prefix(request)
+            num_new = min(request.num_tokens - prefix.num_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, prefix):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = prefix.num_tokens
+            request.num_computed_tokens = prefix.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._grant(request, num_new))
+            budget -= num_new
+        out.finished_request_ids, self._finished_ids = self._finished_ids, set()
+        return out
+
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
+        """Allocates for a running request, preempting the newest running ones until it fits."""
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _grant(self, request: Request, num_new: int) -> ScheduledRequest:
+        scheduled = ScheduledRequest(request, request.num_computed_tokens, num_new,
+                                     self.kv.block_ids(request.request_id))
+        request.num_computed_tokens += num_new
+        return scheduled
+
+    # ---- update ---------------------------------------------------------------------------------------------
+    def update_from_output(self, scheduled: list[ScheduledRequest], sampled: list[int | None]) -> list[Request]:
+        """Appends each sampled token and finishes requests on EOS, stop token ids or length.
+
+        `sampled[i]` is None for a chunk that did not reach the end of its prompt. Returns the requests that
+        received a token this step."""
+        updated = []
+        for item, token in zip(scheduled, sampled):
+            request = item.request
+            if token is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.append_output_token(token)
+            updated.append(request)
+            reason = self._check_stop(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+        return updated
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Ends a request (also used for aborts and stop strings) and returns its blocks to the pool."""
+        if request.status.finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self._finished_ids.add(request.request_id)
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        aborted = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self.finish(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        return aborted
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
+                              self.kv.prefix_queries, self.kv.prefix_hits)

@@ -1,0 +1,92 @@
+"""Reads an HF `config.json` into the fields the model code needs, across transformers' config spellings."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TransformerConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+    torch_dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    raw: dict = field(default_factory=dict)  # the whole config.json, for model-specific fields
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, at 1 byte per element (multiply by the element size)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def load_transformer_config(model_dir: Path) -> TransformerConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json in model directory {model_dir}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ValueError(f"{path} names no 'architectures'")
+    # transformers 5 folds rope_theta / rope_scaling into rope_parameters.
+    rope = dict(raw.get("rope_parameters") or {})
+    rope_theta = raw.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    rope_scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    num_heads = raw["num_attention_heads"]
+    dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    eos = _as_list(raw.get("eos_token_id"))
+    if gen_cfg.exists():
+        eos = sorted(set(eos) | set(_as_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))))
+    return TransformerConfig(
+        architecture=archs[0],
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw.get("intermediate_size", 4 * raw["hidden_size"]),
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", False),
+        sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+        torch_dtype=_DTYPES.get(dtype_name, torch.float32),
+        eos_token_ids=eos,
+        bos_token_id=raw.get("bos_token_id"),
+        raw=raw,
+    )
+
+
+def resolve_dtype(name: str, config: TransformerConfig) -> torch.dtype:
+    return config.torch_dtype if name == "auto" else _DTYPES[name]

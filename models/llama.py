@@ -1,0 +1,122 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3): pre-norm decoder layers with GQA, RoPE and SwiGLU.
+
+Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
+    attn_half(hidden, residual, positions, meta, kv) -> (ffn_input, residual)   # norm, attention, norm
+    ffn_half(ffn_input) -> ffn_out                                              # the MLP
+The model's forward alternates them in-process; an AFD executor alternates them across workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import AttentionMetadata, TorchPagedAttention
+from models.hf_config import TransformerConfig
+from models.layers.norm import RMSNorm
+from models.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaVariant:
+    """What distinguishes the family's members, chosen by the config's architecture name in registry.py."""
+    qkv_bias: bool = False  # Qwen2 always; Llama when config.attention_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        bias = variant.qkv_bias or cfg.attention_bias
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and not variant.qkv_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
+        self.rotary = RotaryEmbedding(self.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.attn = TorchPagedAttention()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, variant, max_positions)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                  meta: AttentionMetadata, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, meta, kv_cache)
+        return self.post_attention_layernorm(hidden, residual)
+
+    def ffn_half(self, ffn_input: torch.Tensor) -> torch.Tensor:
+        return self.mlp(ffn_input)
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint names folded into our fused parameters: (ours, theirs, shard index).
+    stacked_params = [
+        ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+        ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, variant, max_positions) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def shard_sizes(self, fused_name: str) -> list[int]:
+        """Row counts of the HF tensors stacked into one fused parameter."""
+        attn = self.layers[0].self_attn
+        if fused_name == "qkv_proj":
+            return [attn.q_size, attn.kv_size, attn.kv_size]
+        return [self.config.intermediate_size] * 2
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            ffn_input, residual = layer.attn_half(hidden, residual, positions, meta, kv_cache)
+            hidden = layer.ffn_half(ffn_input)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,31 @@
+"""Architecture name (config.json's `architectures[0]`) -> how to build the model."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from models.hf_config import TransformerConfig
+from models.llama import LlamaForCausalLM, LlamaVariant
+
+ModelFactory = Callable[[TransformerConfig, int], nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {
+    "LlamaForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n),
+    "MistralForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n),
+    "Qwen2ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=True), n),
+    "Qwen3ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(cfg: TransformerConfig, max_positions: int) -> nn.Module:
+    try:
+        factory = _REGISTRY[cfg.architecture]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {cfg.architecture!r}; supported: "
+                         f"{', '.join(supported_architectures())}") from None
+    return factory(cfg, max_positions)

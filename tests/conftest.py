@@ -1,0 +1,68 @@
+"""Shared fixtures: the real SmolLM2 (imported once per session into a temp cache) and tiny random models made
+with transformers' save_pretrained, with transformers as the oracle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from models.model_path import resolve_model_path
+
+
+@pytest.fixture(scope="session")
+def afd_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("afdserve-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(afd_cache) -> Path:
+    return resolve_model_path("smollm2", afd_cache)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+def write_byte_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A tokenizer whose every id is its own token "<id>", enough for models driven by token ids."""
+    tok = Tokenizer(models.BPE(vocab={f"<{i}>": i for i in range(vocab_size)}, merges=[]))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<2>"}))
+
+
+TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
+
+
+def make_tiny_model(directory: Path, arch: str, seed: int = 0, **overrides):
+    """Saves a random-weight transformers model of `arch` into `directory`; returns the transformers model."""
+    import transformers
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    config = config_cls(**{**TINY_COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random biases and norms too, so that every parameter matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(directory)
+    write_byte_tokenizer(directory, config.vocab_size)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate, not stopping at EOS (like ignore_eos=True; EOS may still be produced)."""
+    model.generation_config.eos_token_id = None  # generate() falls back to the model's own otherwise
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + max_new_tokens
+    return out[0, len(prompt):].tolist()
