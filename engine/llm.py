@@ -22,8 +22,9 @@ def engine_config(model: str = "smollm2", dtype: str = "auto", max_model_len: in
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2", **engine_args):
-        self.engine = LLMEngine(engine_config(model=model, **engine_args))
+    def __init__(self, model: str = "smollm2", config: EngineConfig | None = None, **engine_args):
+        """Engine arguments as keywords (see engine_config), or a whole EngineConfig."""
+        self.engine = LLMEngine(config or engine_config(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]],

@@ -1,0 +1,31 @@
+"""The engine's arguments as CLI flags, shared by every subcommand that builds an engine."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.llm import engine_config
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2", help="alias 'smollm2', a .gguf file, or an HF model directory")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory-gb")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--cache-dir", type=Path, default=None, help="default: $AFDSERVE_CACHE or ~/.cache/afdserve")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return engine_config(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb, num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir)

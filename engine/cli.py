@@ -1,0 +1,77 @@
+"""`afdserve` command line: generate, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.arg_utils import add_engine_args, engine_config_from_args
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed_request)
+    llm = LLM(config=engine_config_from_args(args))
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        out = llm.generate([args.prompt], params, use_tqdm=False)
+    print(out[0].outputs[0].text)
+    return 0
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from bench.throughput import ThroughputSpec, format_result, run_throughput
+
+    spec = ThroughputSpec(args.num_requests, args.input_len, args.output_len, args.concurrency, args.bench_seed)
+    result = run_throughput(engine_config_from_args(args), spec)
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afdserve", description="LLM serving with attention-FFN disaggregation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed-request", type=int, default=None, help="the request's sampling seed")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    tp = bench_sub.add_parser("throughput", help="offline throughput on synthetic requests")
+    add_engine_args(tp)
+    tp.add_argument("--num-requests", type=int, default=128)
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--concurrency", type=int, default=32, help="most requests in the engine at once")
+    tp.add_argument("--bench-seed", type=int, default=0, help="seed of the synthetic prompts")
+    tp.add_argument("--json", default=None, help="also write the result to this file")
+    tp.set_defaults(func=_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"afdserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
