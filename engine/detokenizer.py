@@ -23,16 +23,21 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.output_text = ""
         self._streamed = 0  # characters of output_text already handed out by stream_delta
+        self._num_output_tokens = 0
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
 
     def update(self, new_token_ids: list[int]) -> str | None:
         """Adds tokens; returns the stop string if one now appears (output_text is then cut before it)."""
         for token_id in new_token_ids:
             self.token_ids.append(token_id)
+            self._num_output_tokens += 1
             delta = self._decode_delta()
             if not delta:
                 continue
             self.output_text += delta
+            # Like EOS and stop token ids, a stop string cannot end the output before min_tokens tokens.
+            if self._num_output_tokens < self.params.min_tokens:
+                continue
             stop = self._find_stop(len(delta))
             if stop is not None:
                 return stop

@@ -13,7 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
 from engine.scheduler import ScheduledRequest, SchedulerOutput
-from kernels.attention import AttentionMetadata, PrefillSeq
+from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape
 from models.hf_config import TransformerConfig, resolve_dtype
 from models.loader import load_model
 
@@ -43,7 +43,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, model_config)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len)
-        shape = (num_kv_blocks, 2, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        shape = kv_cache_shape(num_kv_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype) for _ in range(model_config.num_layers)]
         self.sampler = Sampler()
         self.default_generator = torch.Generator().manual_seed(config.model.seed)
@@ -83,15 +83,18 @@ class ModelRunner:
                                      and start < item.request.num_prompt_tokens - 1)
             wants_prompt.append(wants_prompt_logprobs)
             logits_rows.append((row, n) if wants_prompt_logprobs else (row + n - 1, 1))
-        max_blocks = max((len(t) for t in decode_tables), default=0)
+        # A decode needs only the blocks that hold its tokens; pad every table to the longest of them.
+        max_blocks = -(-max(decode_lens, default=0) // bs)
+        seq_lens = torch.tensor(decode_lens, dtype=torch.long)
+        pad = torch.arange(max_blocks * bs)[None, :] >= seq_lens[:, None]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             block_size=bs,
             num_decodes=len(decode_lens),
-            decode_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+            decode_block_tables=torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables],
                                              dtype=torch.long).view(len(decode_tables), max_blocks),
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
-            decode_max_seq_len=max(decode_lens, default=0),
+            decode_seq_lens=seq_lens,
+            decode_mask_bias=torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1),
             prefills=prefills,
         )
         return FlatBatch(order, torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta,

@@ -1,7 +1,7 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3): pre-norm decoder layers with GQA, RoPE and SwiGLU.
 
 Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
-    attn_half(hidden, residual, positions, meta, kv) -> (ffn_input, residual)   # norm, attention, norm
+    attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual)   # norm, attention, norm
     ffn_half(ffn_input) -> ffn_out                                              # the MLP
 The model's forward alternates them in-process; an AFD executor alternates them across workers.
 """
@@ -16,7 +16,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata, TorchPagedAttention
 from models.hf_config import TransformerConfig
 from models.layers.norm import RMSNorm
-from models.layers.rotary import RotaryEmbedding
+from models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LlamaVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -38,10 +38,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and not variant.qkv_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
-        self.rotary = RotaryEmbedding(self.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.attn = TorchPagedAttention()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -49,7 +48,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = self.attn(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -66,20 +65,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, variant, max_positions)
+        self.self_attn = LlamaAttention(cfg, variant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
                   meta: AttentionMetadata, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, meta, kv_cache)
+        hidden = self.self_attn(hidden, rope, meta, kv_cache)
         return self.post_attention_layernorm(hidden, residual)
 
     def ffn_half(self, ffn_input: torch.Tensor) -> torch.Tensor:
@@ -97,7 +96,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, variant, max_positions) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, variant) for _ in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -111,8 +111,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.tables(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            ffn_input, residual = layer.attn_half(hidden, residual, positions, meta, kv_cache)
+            ffn_input, residual = layer.attn_half(hidden, residual, rope, meta, kv_cache)
             hidden = layer.ffn_half(ffn_input)
         hidden, _ = self.norm(hidden, residual)
         return hidden

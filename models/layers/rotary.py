@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) at one step's positions, [T, 1, head_dim]
+
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.1's rule: keep high frequencies, divide low ones by `factor`, blend smoothly in between."""
@@ -35,15 +37,20 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        # rotate_half(x) * sin == swap_halves(x) * signed_sin, with the sign folded into the table once.
+        half = head_dim // 2
+        self.register_buffer("signed_sin", torch.cat([-emb.sin()[:, :half], emb.sin()[:, half:]], -1),
+                             persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos and signed sin at `positions`, [T, 1, head_dim]: looked up once per step and shared by all layers."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """x: [T, heads, head_dim]; neox layout, the two halves of each head rotate together."""
+    cos, signed_sin = tables
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
