@@ -15,6 +15,8 @@ from torch import nn
 
 from kernels.attention import AttentionMetadata, TorchPagedAttention
 from models.hf_config import TransformerConfig
+from kernels.cpu_linear import can_prepack, linear, prepack
+from models.layers.linear import Linear
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
 
@@ -34,8 +36,8 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         bias = variant.qkv_bias or cfg.attention_bias
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and not variant.qkv_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and not variant.qkv_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
         self.attn = TorchPagedAttention()
@@ -56,8 +58,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -99,7 +101,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, variant) for _ in range(cfg.num_layers))
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_tied_head: torch.Tensor | None = None
 
     def shard_sizes(self, fused_name: str) -> list[int]:
         """Row counts of the HF tensors stacked into one fused parameter."""
@@ -118,6 +121,15 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    def prepare_for_inference(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_for_inference()
+        # The tied LM head reads the embedding table as a linear weight: pack a copy of it too.
+        tied = self.embed_tokens.weight
+        self.packed_tied_head = prepack(tied) if self.lm_head is None and can_prepack(tied) else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.embed_tokens.weight, None, self.packed_tied_head).float()

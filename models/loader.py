@@ -74,4 +74,6 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int) -> nn.Module:
     model = build_model(cfg, max_positions)
     load_weights(model, iter_safetensors(model_dir))
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    model.prepare_for_inference()
+    return model

