@@ -26,8 +26,10 @@ class ChildState:
     token_times: list[float] = field(default_factory=list)
 
     def completion(self) -> CompletionOutput:
+        delta = self.detokenizer.stream_delta(finished=self.finish_reason is not None)
         return CompletionOutput(self.index, self.detokenizer.output_text, list(self.token_ids),
-                                self.cumulative_logprob, self.logprobs, self.finish_reason, self.stop_reason)
+                                self.cumulative_logprob, self.logprobs, self.finish_reason, self.stop_reason,
+                                delta)
 
 
 @dataclass

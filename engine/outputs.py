@@ -24,6 +24,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # Text that is safe to stream since the previous output: never a prefix of a stop string that may still
+    # complete (all of the rest once finished). Concatenated over a request's outputs it equals `text`.
+    text_delta: str = ""
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,153 @@
+"""AsyncEngine: the LLMEngine's step loop on its own thread, with one asyncio stream per request.
+
+    server handler ──generate()──► command queue ──► engine thread: add / abort, then LLMEngine.step()
+          ▲                                                         │
+          └──── per-request asyncio.Queue ◄── call_soon_threadsafe ─┘
+
+The engine (scheduler, KV cache, model) is touched by the engine thread only. A request whose input is invalid
+gets its ValueError through its own stream; nothing else is disturbed. If the loop itself dies, every stream gets
+EngineDeadError and `is_alive` turns False (the server's /health then answers 503).
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: "_RequestStream"
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _RequestStream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _RequestStream] = {}
+        self._dead: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="afdserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API (event-loop side) -----------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields the request's output after every step that changed it; the last one has `finished` set.
+
+        Cancelling the iteration (a client that went away) aborts the request and frees its KV blocks."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        stream = _RequestStream(asyncio.get_running_loop())
+        self._commands.put(_Add(request_id, prompt, params, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def stats(self):
+        return self.engine.core.stats()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ---- engine thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+        except BaseException as e:  # the loop is dead: tell every waiting request, keep the reason
+            traceback.print_exc()
+            self._dead = e
+            for stream in self._streams.values():
+                stream.put(EngineDeadError(f"engine loop died: {e!r}"))
+            self._streams.clear()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            if self._streams.pop(command.request_id, None) is not None:
+                self.engine.abort_request(command.request_id)
+            return
+        if command.request_id in self._streams:
+            command.stream.put(ValueError(f"request id {command.request_id!r} is already in use"))
+            return
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params)
+        except (ValueError, TypeError) as e:  # bad input: this request alone fails
+            command.stream.put(e)
+            return
+        self._streams[command.request_id] = command.stream
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
