@@ -48,11 +48,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.default_generator = torch.Generator().manual_seed(config.model.seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_logprobs_given: dict[str, int] = {}  # request id -> prompt positions whose logprobs were sent
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+            self.prompt_logprobs_given.pop(rid, None)
         batch = self._build_batch(sched.scheduled)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         rows = torch.tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
@@ -79,8 +81,7 @@ class ModelRunner:
                 decode_lens.append(seq_len)
             else:
                 prefills.append(PrefillSeq(row, n, seq_len, torch.tensor(blocks[:-(-seq_len // bs)])))
-            wants_prompt_logprobs = (item.request.sampling_params.prompt_logprobs is not None
-                                     and start < item.request.num_prompt_tokens - 1)
+            wants_prompt_logprobs = bool(self._prompt_logprob_positions(item))
             wants_prompt.append(wants_prompt_logprobs)
             logits_rows.append((row, n) if wants_prompt_logprobs else (row + n - 1, 1))
         # A decode needs only the blocks that hold its tokens; pad every table to the longest of them.
@@ -122,15 +123,24 @@ class ModelRunner:
                 out.sampled[i], out.logprobs[i] = tok, lp
         return out
 
+    def _prompt_logprob_positions(self, item: ScheduledRequest) -> range:
+        """The chunk's positions whose prompt logprobs are still owed; position p predicts prompt token p + 1.
+
+        A recompute after preemption covers positions already given (and output tokens): those are skipped."""
+        request = item.request
+        if request.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(item.start_pos, self.prompt_logprobs_given.get(request.request_id, 0))
+        return range(first, min(item.start_pos + item.num_tokens, request.num_prompt_tokens - 1))
+
     def _prompt_logprobs(self, item: ScheduledRequest, chunk_logits: torch.Tensor, out: ModelRunnerOutput) -> None:
         request = item.request
-        prompt = request.prompt_token_ids
-        # Position p predicts prompt token p + 1; only prompt positions count (a recompute after preemption also
-        # covers output tokens, and their logprobs were already given).
-        n = max(0, min(item.num_tokens, len(prompt) - 1 - item.start_pos))
-        targets = prompt[item.start_pos + 1:item.start_pos + 1 + n]
+        positions = self._prompt_logprob_positions(item)
+        rows = chunk_logits[positions.start - item.start_pos:positions.stop - item.start_pos]
+        targets = request.prompt_token_ids[positions.start + 1:positions.stop + 1]
         out.prompt_logprobs[request.request_id] = prompt_logprobs_for_chunk(
-            chunk_logits[:n], targets, request.sampling_params.prompt_logprobs)
+            rows, targets, request.sampling_params.prompt_logprobs)
+        self.prompt_logprobs_given[request.request_id] = positions.stop
 
     def _generator(self, request) -> torch.Generator:
         seed = request.sampling_params.seed

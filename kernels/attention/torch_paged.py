@@ -38,11 +38,10 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     num_seqs, num_heads, head_dim = q.shape
     kv = gather_kv(kv_cache, block_tables.reshape(-1))  # [2, kvh, B * L, hd]
     kv_heads = kv.shape[1]
-    k, v = kv.view(2, kv_heads, num_seqs, -1, head_dim).to(q.dtype)  # each [kvh, B, L, hd]
-    qg = q.view(num_seqs, kv_heads, -1, head_dim).transpose(0, 1)  # [kvh, B, group, hd]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale + mask_bias  # [kvh, B, group, L]
-    out = torch.matmul(scores.softmax(-1).to(q.dtype), v)  # [kvh, B, group, hd]
-    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+    k, v = kv.view(2, kv_heads, num_seqs, -1, head_dim).transpose(1, 2).to(q.dtype)  # each [B, kvh, L, hd]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask_bias.unsqueeze(1).to(q.dtype),
+                                         scale=scale, enable_gqa=num_heads != kv_heads)
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
