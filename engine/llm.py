@@ -36,10 +36,16 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         ids = []
-        for prompt, params in zip(prompts, sampling_params):
-            rid = self.engine.new_request_id()
-            self.engine.add_request(rid, prompt, params)
-            ids.append(rid)
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                rid = self.engine.new_request_id()
+                self.engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            # Otherwise the requests added before the bad one would stay in the engine, run by later calls.
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

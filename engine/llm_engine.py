@@ -58,6 +58,9 @@ class LLMEngine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_params(params)
         prompt_text, prompt_ids = self._tokenize_prompt(prompt)
         max_tokens = self._max_tokens(params, len(prompt_ids))
         child_params = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
@@ -70,7 +73,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens")
+            return prompt, ids
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -79,6 +85,17 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:3]}")
         return None, ids
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """The checks that need the model (SamplingParams makes the rest): a bad value here would fail a whole step."""
+        vocab = self.model_config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name} must be at most the vocabulary size {vocab}, got {k}")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad[:3]}")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

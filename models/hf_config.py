@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -52,6 +53,9 @@ def load_transformer_config(model_dir: Path) -> TransformerConfig:
         raise FileNotFoundError(f"no config.json in model directory {model_dir}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    missing = [f for f in _REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise ValueError(f"{path} lacks required fields: {', '.join(map(repr, missing))}")
     archs = raw.get("architectures") or []
     if not archs:
         raise ValueError(f"{path} names no 'architectures'")
