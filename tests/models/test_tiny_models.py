@@ -46,3 +46,28 @@ def _assert_close(position_logprobs, ref_row):
         assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id].item())
     top_ref = ref_row.topk(TOP).indices.tolist()
     assert set(top_ref) <= set(position_logprobs)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
+def test_tiny_model_raw_logits_match_transformers(case, tmp_path):
+    """The raw logits at every position of a prefill and of the decodes after it, against transformers' forward."""
+    from engine.request import Request
+    from engine.scheduler import ScheduledRequest
+
+    kwargs = dict(CASES[case])
+    hf = make_tiny_model(tmp_path, kwargs.pop("arch"), **kwargs)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=16)
+    runner = llm.engine.core.executor.runner
+    tokens = list(range(3, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0]
+    request = Request("r", tokens, SamplingParams(temperature=0))
+    blocks = list(range(3))  # 48 slots for 37 tokens
+    # A 30-token prefill chunk, then the remaining tokens one decode step at a time.
+    chunks = [(0, 30)] + [(p, 1) for p in range(30, len(tokens))]
+    with torch.no_grad():
+        for start, n in chunks:
+            batch = runner._build_batch([ScheduledRequest(request, start, n, blocks)])
+            hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
+            logits = runner.model.compute_logits(hidden)
+            assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)
