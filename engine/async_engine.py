@@ -81,6 +81,7 @@ class AsyncEngine:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # rejected at add (bad input, id in use) or the loop died: nothing to abort
                     raise item
                 finished = item.finished
                 yield item
