@@ -52,17 +52,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        for rid in sched.finished_request_ids:
+        self.forget(sched.finished_request_ids)
+        batch = self.build_batch(sched.scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        return self.sample(sched.scheduled, batch, self.compute_logits(batch, hidden))
+
+    def forget(self, request_ids: set[str]) -> None:
+        """Drops the per-request state of finished requests."""
+        for rid in request_ids:
             self.generators.pop(rid, None)
             self.prompt_logprobs_given.pop(rid, None)
-        batch = self._build_batch(sched.scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+
+    def compute_logits(self, batch: "FlatBatch", hidden: torch.Tensor) -> torch.Tensor:
         rows = torch.tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
-        logits = self.model.compute_logits(hidden[rows])
-        return self._sample(sched.scheduled, batch, logits)
+        return self.model.compute_logits(hidden[rows])
 
     # ---- batch ----------------------------------------------------------------------------------------------
-    def _build_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
+    def build_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
         bs = self.block_size
         input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
@@ -102,7 +108,7 @@ class ModelRunner:
                          logits_rows, wants_prompt)
 
     # ---- sampling -------------------------------------------------------------------------------------------
-    def _sample(self, scheduled: list[ScheduledRequest], batch: FlatBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+    def sample(self, scheduled: list[ScheduledRequest], batch: FlatBatch, logits: torch.Tensor) -> ModelRunnerOutput:
         out = ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
         last_rows, sampling_items = [], []
         offset = 0

@@ -1,23 +1,29 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3): pre-norm decoder layers with GQA, RoPE and SwiGLU.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) and its MoE members (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeekMoE):
+pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
 Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
-    attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual)   # norm, attention, norm
-    ffn_half(ffn_input) -> ffn_out                                              # the MLP
-The model's forward alternates them in-process; an AFD executor alternates them across workers.
+    attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
+    ffn_half(ffn_input, routing) -> ffn_out                                          # the MLP or the MoE block
+`routing` (models/layers/moe_router.Routing: top-k expert ids and weights) is None for dense layers. Routing runs in
+the attention half so that the FFN half needs nothing but its inputs. The model's forward alternates the halves
+in-process; an AFD executor alternates them across workers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import AttentionMetadata, TorchPagedAttention
 from models.hf_config import TransformerConfig
 from kernels.cpu_linear import can_prepack, linear, prepack
 from models.layers.linear import Linear
+from models.layers.mlp import GatedMLP
+from models.layers.moe import MoEBlock
+from models.layers.moe_router import Router, Routing
 from models.layers.norm import RMSNorm
+from models.moe_config import MoEConfig
 from models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
 
 
@@ -55,36 +61,38 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, moe: MoEConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, variant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+        if moe is None:
+            self.router = None
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.router = Router(cfg.hidden_size, moe.router, fp32_logits=moe.router_fp32)
+            self.mlp = MoEBlock(cfg.hidden_size, moe.num_experts, moe.intermediate_size,
+                                moe.shared_intermediate_size, moe.shared_expert_gate)
 
     def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
-                  meta: AttentionMetadata, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  meta: AttentionMetadata, kv_cache: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, meta, kv_cache)
-        return self.post_attention_layernorm(hidden, residual)
+        ffn_input, residual = self.post_attention_layernorm(hidden, residual)
+        routing = None if self.router is None else self.router(ffn_input)
+        return ffn_input, residual, routing
 
-    def ffn_half(self, ffn_input: torch.Tensor) -> torch.Tensor:
-        return self.mlp(ffn_input)
+    def ffn_half(self, ffn_input: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        if self.router is None:
+            return self.mlp(ffn_input)
+        if routing is None:
+            raise ValueError("an MoE layer's FFN half needs the routing computed by its attention half")
+        return self.mlp(ffn_input, routing)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -93,31 +101,47 @@ class LlamaForCausalLM(nn.Module):
         ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     ]
+    # HF -> ours substring renames, and per-expert HF tensors folded into stacked expert weights
+    # (ours, theirs, shard index); both set per instance for MoE models (see models/loader.py).
+    param_renames: list[tuple[str, str]] = []
+    expert_params: list[tuple[str, str, int]] = []
+    # Parameters (name suffixes) that stay fp32 whatever the model dtype (models/loader.cast_model).
+    fp32_params: tuple[str, ...] = ()
 
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int,
+                 moe: MoEConfig | None = None):
         super().__init__()
         self.config = cfg
+        self.moe_config = moe
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, variant) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, variant, moe if moe is not None and i in moe.moe_layers else None)
+            for i in range(cfg.num_layers))
+        if moe is not None:
+            self.param_renames = [*moe.hf_renames, ("mlp.gate.weight", "router.gate.weight")]
+            gate, up, down = moe.hf_expert_names
+            self.expert_params = [("w13", gate, 0), ("w13", up, 1), ("w2", down, 0)]
+            fp32_gate = ("router.gate.weight",) if moe.router_fp32 else ()
+            self.fp32_params = ("router.e_score_correction_bias", *fp32_gate)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_tied_head: torch.Tensor | None = None
 
-    def shard_sizes(self, fused_name: str) -> list[int]:
-        """Row counts of the HF tensors stacked into one fused parameter."""
+    def shard_sizes(self, fused_name: str, rows: int) -> list[int]:
+        """Row counts of the HF tensors stacked into one fused parameter of `rows` rows."""
         attn = self.layers[0].self_attn
         if fused_name == "qkv_proj":
             return [attn.q_size, attn.kv_size, attn.kv_size]
-        return [self.config.intermediate_size] * 2
+        return [rows // 2] * 2  # gate_up_proj: dense MLPs and shared experts differ in width
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.tables(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            ffn_input, residual = layer.attn_half(hidden, residual, rope, meta, kv_cache)
-            hidden = layer.ffn_half(ffn_input)
+            ffn_input, residual, routing = layer.attn_half(hidden, residual, rope, meta, kv_cache)
+            hidden = layer.ffn_half(ffn_input, routing)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -1,6 +1,8 @@
-"""Loads safetensors checkpoints (HF names) into our modules, folding q/k/v and gate/up into fused parameters."""
+"""Loads safetensors checkpoints (HF names) into our modules, folding q/k/v and gate/up into fused parameters and
+per-expert tensors into stacked expert weights."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -25,30 +27,69 @@ def iter_safetensors(model_dir: Path):
 
 
 def load_weights(model: nn.Module, weights) -> None:
+    """Copies HF-named tensors into the model's parameters. A model may declare, as attributes:
+    `param_renames` [(theirs, ours)]: substring renames applied to each HF name first;
+    `expert_params` [(ours, theirs, shard)]: `<p>.experts.<e>.<theirs>.weight` goes to expert e of the stacked
+        parameter `<p>.experts.<ours>` ([E, rows, cols]), rows split evenly between the shards of `ours`;
+    `stacked_params` [(ours, theirs, shard)] with `shard_sizes(ours, rows)`: HF tensors fused along rows."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    stacked = getattr(model, "stacked_params", [])
     for hf_name, tensor in weights:
         name = hf_name.removeprefix("model.")
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and getattr(model, "lm_head", None) is None:
             continue  # tied to the embedding
-        for fused, part, shard in stacked:
-            if f".{part}." in name:
-                name = name.replace(part, fused)
-                param = params[name]
-                sizes = model.shard_sizes(fused)
-                offset = sum(sizes[:shard])
-                _copy(param.data[offset:offset + sizes[shard]], tensor, hf_name)
-                loaded.add(f"{name}#{shard}")
-                break
-        else:
+        for theirs, ours in getattr(model, "param_renames", []):
+            name = name.replace(theirs, ours)
+        if not (_load_expert(model, params, name, tensor, hf_name, loaded)
+                or _load_stacked(model, params, name, tensor, hf_name, loaded)):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in {type(model).__name__}")
             _copy(params[name].data, tensor, hf_name)
             loaded.add(name)
     _check_complete(model, params, loaded)
+
+
+_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<part>[^.]+)\.weight$")
+
+
+def _load_expert(model, params: dict, name: str, tensor: torch.Tensor, hf_name: str, loaded: set[str]) -> bool:
+    expert_params = getattr(model, "expert_params", [])
+    match = _EXPERT_TENSOR.match(name)
+    entry = match and next((e for e in expert_params if e[1] == match["part"]), None)
+    if not entry:
+        return False
+    ours, _, shard = entry
+    pname = f"{match['prefix']}.experts.{ours}"
+    if pname not in params:
+        raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in {type(model).__name__}")
+    param, expert = params[pname], int(match["expert"])
+    if expert >= param.shape[0]:
+        raise ValueError(f"checkpoint tensor {hf_name!r} names expert {expert}, but the model has {param.shape[0]}")
+    rows = param.shape[1] // _num_expert_shards(expert_params, ours)
+    _copy(param.data[expert, shard * rows:(shard + 1) * rows], tensor, hf_name)
+    loaded.add(f"{pname}#{expert}.{shard}")
+    return True
+
+
+def _load_stacked(model, params: dict, name: str, tensor: torch.Tensor, hf_name: str, loaded: set[str]) -> bool:
+    for fused, part, shard in getattr(model, "stacked_params", []):
+        if f".{part}." in name:
+            name = name.replace(part, fused)
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in {type(model).__name__}")
+            param = params[name]
+            sizes = model.shard_sizes(fused, param.shape[0])
+            offset = sum(sizes[:shard])
+            _copy(param.data[offset:offset + sizes[shard]], tensor, hf_name)
+            loaded.add(f"{name}#{shard}")
+            return True
+    return False
+
+
+def _num_expert_shards(expert_params: list, ours: str) -> int:
+    return sum(1 for o, _, _ in expert_params if o == ours)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -57,16 +98,21 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+def _expected_keys(model: nn.Module, name: str, param: torch.Tensor) -> list[str]:
+    """The `loaded` keys that together fill parameter `name`."""
+    for ours in {o for o, _, _ in getattr(model, "expert_params", [])}:
+        if name.endswith(f".experts.{ours}"):
+            shards = _num_expert_shards(model.expert_params, ours)
+            return [f"{name}#{e}.{s}" for e in range(param.shape[0]) for s in range(shards)]
+    fused = next((f for f, _, _ in getattr(model, "stacked_params", []) if f".{f}." in name), None)
+    if fused is not None:
+        return [f"{name}#{i}" for i in range(len(model.shard_sizes(fused, param.shape[0])))]
+    return [name]
+
+
 def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
-    missing = []
-    for name in params:
-        fused = next((f for f, _, _ in getattr(model, "stacked_params", []) if f".{f}." in name), None)
-        if fused is None:
-            ok = name in loaded
-        else:
-            ok = all(f"{name}#{i}" in loaded for i in range(len(model.shard_sizes(fused))))
-        if not ok:
-            missing.append(name)
+    missing = [name for name, param in params.items()
+               if not all(key in loaded for key in _expected_keys(model, name, param))]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
@@ -74,6 +120,17 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int) -> nn.Module:
     model = build_model(cfg, max_positions)
     load_weights(model, iter_safetensors(model_dir))
-    model = model.to(dtype).eval()
-    model.prepare_for_inference()
+    cast_model(model, dtype)
+    model.eval().prepare_for_inference()
     return model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the model to `dtype`, except parameters whose names end with one of the model's `fp32_params`
+    (e.g. DeepSeek router gates and selection biases, which transformers also keeps in fp32)."""
+    keep = tuple(getattr(model, "fp32_params", ()))
+    saved = {name: p.data for name, p in model.named_parameters() if keep and name.endswith(keep)}
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    for name, data in saved.items():
+        params[name].data = data.to(device=params[name].device, dtype=torch.float32)

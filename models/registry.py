@@ -7,6 +7,7 @@ from torch import nn
 
 from models.hf_config import TransformerConfig
 from models.llama import LlamaForCausalLM, LlamaVariant
+from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 
 ModelFactory = Callable[[TransformerConfig, int], nn.Module]
 
@@ -15,6 +16,13 @@ _REGISTRY: dict[str, ModelFactory] = {
     "MistralForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n),
     "Qwen2ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=True), n),
     "Qwen3ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n),
+    # MoE: Llama-family attention, MoE FFN (models/moe_config.py reads each family's fields).
+    "MixtralForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, mixtral_moe_config(cfg)),
+    "Qwen2MoeForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)),
+                                                           n, qwen_moe_config(cfg)),
+    "Qwen3MoeForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, qwen_moe_config(cfg)),
+    # DeepSeekMoE (deepseek-moe-16b): MHA + DeepSeekMoE FFN; its config may carry DeepSeek-V2/V3 gating fields.
+    "DeepseekForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg)),
 }
 
 

@@ -39,25 +39,35 @@ TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hi
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
 
 
-def make_tiny_model(directory: Path, arch: str, seed: int = 0, **overrides):
-    """Saves a random-weight transformers model of `arch` into `directory`; returns the transformers model."""
+def make_tiny_model(directory: Path, arch: str, seed: int = 0, mlp_std: float | None = None, **overrides):
+    """Saves a random-weight transformers model of `arch` into `directory`; returns the transformers model.
+    `mlp_std` re-draws the FFN weights (MLPs, routers, experts) with that std, so that they dominate the output."""
     import transformers
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[arch]
     config = config_cls(**{**TINY_COMMON, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    randomize_weights(model, mlp_std)
+    model.save_pretrained(directory)
+    write_byte_tokenizer(directory, config.vocab_size)
+    return model
+
+
+def randomize_weights(model, mlp_std: float | None = None) -> None:
     with torch.no_grad():  # random biases and norms too, so that every parameter matters
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    model.save_pretrained(directory)
-    write_byte_tokenizer(directory, config.vocab_size)
-    return model
+            elif mlp_std is not None and ".mlp." in name:
+                p.normal_(0.0, mlp_std)
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:

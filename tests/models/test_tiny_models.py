@@ -67,7 +67,7 @@ def test_tiny_model_raw_logits_match_transformers(case, tmp_path):
     chunks = [(0, 30)] + [(p, 1) for p in range(30, len(tokens))]
     with torch.no_grad():
         for start, n in chunks:
-            batch = runner._build_batch([ScheduledRequest(request, start, n, blocks)])
+            batch = runner.build_batch([ScheduledRequest(request, start, n, blocks)])
             hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
             logits = runner.model.compute_logits(hidden)
             assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)

@@ -1,0 +1,53 @@
+"""The MoE FFN half: routed experts in stacked weights, plus an optional always-on shared expert.
+
+    MoEBlock(x [T, H], routing) = Experts(x, topk_ids, topk_weights)            routed, kernels/moe
+                                + [sigmoid(shared_expert_gate(x)) *] shared_expert(x)
+
+Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
+FFN worker unchanged (ARCHITECTURE.md, seam 1). Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of
+width n_shared * moe_intermediate_size; Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.moe import fused_experts_torch
+from models.layers.linear import Linear
+from models.layers.mlp import GatedMLP
+from models.layers.moe_router import Routing
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Tokens (token copies, T*k in all) each expert received in the last forward: balancing / AFD planner input.
+        self.last_tokens_per_expert: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        out, self.last_tokens_per_expert = fused_experts_torch(x, self.w13, self.w2, topk_ids, topk_weights)
+        return out
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
+                 shared_intermediate_size: int = 0, shared_expert_gate: bool = False):
+        super().__init__()
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        if shared_expert_gate and self.shared_expert is None:
+            raise ValueError("a shared expert gate needs a shared expert")
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        out = self.experts(x, routing.topk_ids, routing.topk_weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
