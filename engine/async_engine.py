@@ -27,6 +27,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestAbortedError(RuntimeError):
+    """Raised in a request's stream when someone else aborted it (a server draining on shutdown)."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -46,7 +50,10 @@ class _RequestStream:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the reader's event loop is closed: nobody is listening, and the engine goes on
+            pass
 
 
 class AsyncEngine:
@@ -92,6 +99,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Aborts a request and frees its KV blocks; its stream, if still read, raises RequestAbortedError."""
         self._commands.put(_Abort(request_id))
 
     def stats(self):
@@ -131,8 +139,10 @@ class AsyncEngine:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
-            if self._streams.pop(command.request_id, None) is not None:
+            stream = self._streams.pop(command.request_id, None)
+            if stream is not None:
                 self.engine.abort_request(command.request_id)
+                stream.put(RequestAbortedError(f"request {command.request_id!r} was aborted"))
             return
         if command.request_id in self._streams:
             command.stream.put(ValueError(f"request id {command.request_id!r} is already in use"))

@@ -1,4 +1,4 @@
-"""`afdserve` command line: generate, bench."""
+"""`afdserve` command line: serve, generate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -35,9 +35,21 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engine.server.api_server import run_server
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine.server.server_args import add_server_args
+
     parser = argparse.ArgumentParser(prog="afdserve", description="LLM serving with attention-FFN disaggregation")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and gRPC)")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     add_engine_args(gen)

@@ -1,0 +1,136 @@
+"""Prometheus metrics for /metrics, named like vLLM's (`vllm:` -> `afdserve:`), on the server's own registry.
+
+Two sources:
+  - per-request outcomes and latencies, recorded by the server when a request finishes or is aborted
+    (from the engine's timestamps in RequestOutput.metrics: arrival, first token, every token);
+  - the engine's scheduler / KV state (running, waiting, KV usage, prefix cache, preemptions), read from
+    `AsyncEngine.stats()` at scrape time by a collector, so nothing has to push it.
+
+Counting units: `request_success_total{finished_reason}` and the latency histograms count sequences (a request
+with n=2 counts 2, as vLLM's fanned-out child requests do); `request_aborts_total` counts requests. An aborted
+request also adds its unfinished sequences to `request_success_total{finished_reason="abort"}` (vLLM's label set).
+`kv_cache_usage_perc` is the fraction of KV blocks held by requests (0..1); it returns to 0 once every request has
+finished or been aborted, which is how tests check that no blocks leak.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.outputs import RequestOutput
+from engine.scheduler import SchedulerStats
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0]
+TOKEN_LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                         20.0, 40.0, 80.0]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0]
+PREFIX = "afdserve:"
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats]):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def counter(name, doc, extra=()):
+            return Counter(PREFIX + name, doc, labels + list(extra), registry=self.registry)
+
+        def histogram(name, doc, buckets):
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.request_success = counter("request_success", "Finished sequences, by finish reason.",
+                                       ["finished_reason"])
+        self.request_aborts = counter("request_aborts", "Requests aborted before finishing (client gone, drain).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished or aborted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished or aborted requests.")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Gap between consecutive tokens of a sequence.",
+                             TOKEN_LATENCY_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Per sequence: (last token - first token) / (output tokens - 1).",
+                              TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        # Create every series now, so that scrapers see zeros instead of missing series before the first request.
+        for metric in (self.request_aborts, self.prompt_tokens, self.generation_tokens, self.ttft, self.itl,
+                       self.tpot, self.e2e):
+            metric.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+        self.registry.register(_EngineStatsCollector(model_name, engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def record_finished(self, output: RequestOutput) -> None:
+        now = time.monotonic()
+        name = self.model_name
+        self._record_tokens(output)
+        for completion in output.outputs:
+            self.request_success.labels(name, completion.finish_reason or "abort").inc()
+        arrival, first = output.metrics.get("arrival_time"), output.metrics.get("first_token_time")
+        if arrival is None:
+            return
+        self.e2e.labels(name).observe(now - arrival)
+        if first is not None:
+            self.ttft.labels(name).observe(first - arrival)
+        for times in output.metrics.get("token_times", []):
+            for earlier, later in zip(times, times[1:]):
+                self.itl.labels(name).observe(later - earlier)
+            if len(times) > 1:
+                self.tpot.labels(name).observe((times[-1] - times[0]) / (len(times) - 1))
+
+    def record_aborted(self, last_output: RequestOutput | None, num_prompt_tokens: int) -> None:
+        """A request that ended before finishing; `last_output` is the last one the server saw (None: none yet)."""
+        name = self.model_name
+        self.request_aborts.labels(name).inc()
+        if last_output is None:
+            self.prompt_tokens.labels(name).inc(num_prompt_tokens)
+            return
+        self._record_tokens(last_output)
+        unfinished = sum(1 for c in last_output.outputs if c.finish_reason is None)
+        if unfinished:
+            self.request_success.labels(name, "abort").inc(unfinished)
+
+    def _record_tokens(self, output: RequestOutput) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(len(output.prompt_token_ids))
+        self.generation_tokens.labels(self.model_name).inc(sum(len(c.token_ids) for c in output.outputs))
+
+
+class _EngineStatsCollector:
+    """Reads the scheduler's counters at scrape time (a few ints read across threads: a snapshot, not a lock)."""
+
+    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats]):
+        self.model_name = model_name
+        self.engine_stats = engine_stats
+
+    def describe(self):
+        return []  # unknown until scraped; keeps the registry from calling collect() at registration
+
+    def collect(self):
+        stats = self.engine_stats()
+        labels = [self.model_name]
+
+        def family(kind, name, doc, value):
+            metric = kind(PREFIX + name, doc, labels=["model_name"])
+            metric.add_metric(labels, value)
+            return metric
+
+        yield family(GaugeMetricFamily, "num_requests_running", "Sequences in the running batch.",
+                     stats.num_running)
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled.",
+                     stats.num_waiting)
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).",
+                     stats.kv_usage)
+        yield family(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                     stats.prefix_queries)
+        yield family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                     stats.prefix_hits)
+        yield family(CounterMetricFamily, "num_preemptions", "Preemptions (recompute) so far.",
+                     stats.num_preemptions)

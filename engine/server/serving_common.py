@@ -1,0 +1,166 @@
+"""What completions and chat completions share: the model check, request fields -> SamplingParams, the context
+length check, the engine stream with its metrics, merging several prompts' streams, and SSE framing."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.server.errors import APIError, from_value_error, model_not_found
+from engine.server.metrics import ServerMetrics
+from engine.server.protocol import SamplingRequest
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServingContext:
+    """What every endpoint handler needs: the engine, the name clients use for the model, the metrics, and the
+    engine requests in flight (so that a drain can abort them)."""
+    engine: AsyncEngine
+    model_name: str
+    metrics: ServerMetrics
+    inflight: set[str] = field(default_factory=set)  # engine request ids being generated
+
+    def abort_inflight(self) -> int:
+        """Aborts every request in flight (a drain that ran out of time); their streams end with an error."""
+        for request_id in list(self.inflight):
+            self.engine.abort(request_id)
+        return len(self.inflight)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise model_not_found(requested)
+
+    def check_token_ids(self, token_ids: list[int], field: str) -> None:
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"{field} must be token ids in [0, {vocab}), got {bad[:3]}", 400, field)
+
+    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, field: str) -> None:
+        """400 when the prompt plus the requested output does not fit the context (vLLM's rule and message)."""
+        limit = self.engine.max_model_len
+        if num_prompt_tokens == 0:
+            raise APIError(f"{field} must not be empty", 400, field)
+        if num_prompt_tokens >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, the {field} has "
+                           f"{num_prompt_tokens} tokens, which leaves no room for output. Please reduce the length "
+                           f"of the {field}.", 400, field)
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {field}, "
+                           f"{max_tokens} in the completion). Please reduce the length of the {field} or "
+                           f"completion.", 400, field)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """The conversation through the model's chat template, as the offline LLM.chat tokenizes it."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(str(e), 400, "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None = None,
+                       prompt_logprobs: int | None = None) -> SamplingParams:
+    """Unset request fields keep SamplingParams' defaults (the OpenAI ones); a bad value is a 400 naming it."""
+    optional = {name: getattr(request, name) for name in
+                ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty") if getattr(request, name) is not None}
+    try:
+        return SamplingParams(
+            n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop or [],
+            stop_token_ids=request.stop_token_ids or [], ignore_eos=request.ignore_eos,
+            skip_special_tokens=request.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            **optional)
+    except (ValueError, TypeError) as e:
+        raise from_value_error(ValueError(str(e))) from None
+
+
+async def generate_tracked(ctx: ServingContext, prompt_ids: list[int], params: SamplingParams,
+                           request_id: str) -> AsyncIterator[RequestOutput]:
+    """The engine's stream for one prompt, recording the request in the metrics when it finishes or is aborted.
+
+    The finish is recorded before the last output is handed on, so a client that hangs up after the last token
+    is not counted as an abort. Rejected input (ValueError before any output) is neither."""
+    last: RequestOutput | None = None
+    accounted = False  # recorded as finished, or rejected before it began
+    ctx.inflight.add(request_id)
+    try:
+        async with aclosing(ctx.engine.generate(prompt_ids, params, request_id)) as stream:
+            async for out in stream:
+                last = out
+                if out.finished:
+                    ctx.metrics.record_finished(out)
+                    accounted = True
+                yield out
+    except ValueError:
+        accounted = accounted or last is None
+        raise
+    finally:
+        ctx.inflight.discard(request_id)
+        if not accounted:
+            ctx.metrics.record_aborted(last, len(prompt_ids))
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as they come, tagged with the iterator's index. Closing the merge (or an
+    error in one stream) closes every stream, which aborts their engine requests."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((index, item))
+        except Exception as e:  # handed to the consumer, which raises it
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def new_tokens(token_ids: list[int], logprobs: list | None, start: int) -> tuple[list[int], list | None]:
+    """Tokens (and their logprobs) from `start` on. The logprobs list grows on the engine thread while the output
+    is in flight, so it is cut at this output's token count, never at its own length."""
+    end = len(token_ids)
+    return token_ids[start:end], (logprobs[start:end] if logprobs is not None else None)
