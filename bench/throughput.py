@@ -73,6 +73,7 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
                 bar.update(1)
     elapsed = time.perf_counter() - start
     stats = engine.core.stats()
+    engine.shutdown()
     return {
         "model": config.model.model, "dtype": config.model.dtype, "spec": asdict(spec),
         "elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_per_s": out_tokens / elapsed,

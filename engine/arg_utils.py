@@ -21,6 +21,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--cache-dir", type=Path, default=None, help="default: $AFDSERVE_CACHE or ~/.cache/afdserve")
+    a = parser.add_argument_group("attention-FFN disaggregation")
+    a.add_argument("--afd", default=None, metavar="xAyF", help="run x attention and y FFN workers on Ray, e.g. 1A1F")
+    a.add_argument("--micro-batches", type=int, default=2)
+    a.add_argument("--ray-address", default=None, help="default: start a local Ray; 'auto' joins a running one")
+    a.add_argument("--afd-transport", default="gloo", choices=["gloo", "shm"])
+    a.add_argument("--threads-per-worker", type=int, default=None)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -28,4 +34,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir)
+        max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir, afd=args.afd,
+        micro_batches=args.micro_batches, ray_address=args.ray_address, afd_transport=args.afd_transport,
+        threads_per_worker=args.threads_per_worker)

@@ -35,6 +35,19 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_transport(args: argparse.Namespace) -> int:
+    from bench.transport import format_transport_result, run_transport_bench
+
+    results = [run_transport_bench(kind, args.steps, args.layers, args.tokens, args.hidden, args.transport_dtype)
+               for kind in args.transports]
+    for r in results:
+        print(format_transport_result(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server.api_server import run_server
     return run_server(args)
@@ -73,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--bench-seed", type=int, default=0, help="seed of the synthetic prompts")
     tp.add_argument("--json", default=None, help="also write the result to this file")
     tp.set_defaults(func=_bench_throughput)
+    tr = bench_sub.add_parser("transport", help="A<->F round trips between two Ray actors, per transport")
+    tr.add_argument("--transports", nargs="+", default=["gloo", "shm"], choices=["gloo", "shm"])
+    tr.add_argument("--steps", type=int, default=50)
+    tr.add_argument("--layers", type=int, default=30)
+    tr.add_argument("--tokens", type=int, default=32)
+    tr.add_argument("--hidden", type=int, default=576)
+    tr.add_argument("--transport-dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--json", default=None)
+    tr.set_defaults(func=_bench_transport)
     return parser
 
 

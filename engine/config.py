@@ -49,7 +49,40 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Attention-FFN disaggregation: `afd="1A1F"` runs x attention workers and y FFN workers as Ray actors."""
+    afd: str | None = None  # None: the whole model in this process (LocalExecutor)
+    micro_batches: int = 2  # micro-batches in flight per step, so FFN work of one overlaps attention of the next
+    ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
+    transport: str = "gloo"  # the A<->F data plane: "gloo" (torch.distributed) or "shm" (shared memory, one host)
+    threads_per_worker: int | None = None  # torch threads per worker; None: the host's cores split evenly
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.transport not in ("gloo", "shm"):
+            raise ValueError(f"transport must be gloo or shm, got {self.transport!r}")
+        if self.afd is not None:
+            self.num_attention_workers, self.num_ffn_workers = parse_afd_ratio(self.afd)
+
+    @property
+    def enabled(self) -> bool:
+        return self.afd is not None
+
+
+def parse_afd_ratio(text: str) -> tuple[int, int]:
+    """'2A1F' -> (2, 1)."""
+    upper = text.upper()
+    a, sep, rest = upper.partition("A")
+    f, sep2, tail = rest.partition("F")
+    if not (sep and sep2 and not tail and a.isdigit() and f.isdigit() and int(a) > 0 and int(f) > 0):
+        raise ValueError(f"afd must look like 1A1F (x attention workers, y FFN workers), got {text!r}")
+    return int(a), int(f)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

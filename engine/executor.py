@@ -29,3 +29,12 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         pass
+
+
+def make_executor(config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
+                  max_model_len: int) -> Executor:
+    """LocalExecutor, or the AFD executor on Ray when `config.parallel.afd` is set."""
+    if config.parallel.enabled:
+        from cluster.afd_executor import AFDExecutor  # Ray is imported only when AFD is asked for
+        return AFDExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)
+    return LocalExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)

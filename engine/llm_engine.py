@@ -12,7 +12,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
-from engine.executor import LocalExecutor
+from engine.executor import make_executor
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -30,7 +30,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
-        executor = LocalExecutor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
+        executor = make_executor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
         self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)

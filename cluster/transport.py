@@ -1,0 +1,168 @@
+"""The A<->F data plane: point-to-point tensor messages between an attention worker and an FFN worker.
+
+Ray starts and supervises the workers; per-layer tensors never go through Ray. Two transports sit behind one small
+interface, chosen by measurement (`afdserve bench transport`):
+
+  GlooTransport  torch.distributed (gloo) isend/irecv over TCP: works across hosts.
+  ShmTransport   a shared-memory ring per direction with sequence counters: one host only, no syscalls per message.
+
+Both deliver messages between a pair of workers in order. `send` may return before the peer has read the message;
+`recv` fills the given tensor and returns once the message is there.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class Transport(Protocol):
+    def send(self, tensor: torch.Tensor, peer: int) -> None: ...
+
+    def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor: ...
+
+    def flush(self) -> None:
+        """Waits until every message sent so far has left this worker's buffers."""
+
+    def close(self) -> None: ...
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).view(-1)
+
+
+# ---- gloo ---------------------------------------------------------------------------------------------------------
+class GlooTransport:
+    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 600):
+        import datetime
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank = rank
+        self._pending: list = []
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        payload = _as_bytes(tensor)  # gloo moves bytes; this also covers bf16 / fp8
+        self._pending.append((dist.isend(payload, peer), payload))
+
+    def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
+        dist.recv(_as_bytes(out) if out.is_contiguous() else out, peer)
+        return out
+
+    def flush(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- shared memory ------------------------------------------------------------------------------------------------
+@dataclass
+class ShmChannelSpec:
+    name: str
+    slots: int
+    slot_bytes: int
+
+
+_HEADER = 16  # per slot: int64 sequence number written by the sender, int64 ack written by the receiver
+
+
+class _ShmChannel:
+    """One direction between two workers: a ring of slots; slot i holds message k where k % slots == i."""
+
+    def __init__(self, spec: ShmChannelSpec, create: bool):
+        size = spec.slots * (_HEADER + spec.slot_bytes)
+        self.shm = shared_memory.SharedMemory(name=spec.name, create=create, size=size if create else 0)
+        self.spec = spec
+        buf = np.ndarray((spec.slots, _HEADER + spec.slot_bytes), dtype=np.uint8, buffer=self.shm.buf)
+        if create:
+            buf[:] = 0
+        self.headers = [buf[i, :_HEADER].view(np.int64) for i in range(spec.slots)]  # [seq, ack]
+        self.payloads = [torch.from_numpy(buf[i, _HEADER:]) for i in range(spec.slots)]
+        self.sent = 0
+        self.received = 0
+
+    def put(self, tensor: torch.Tensor) -> None:
+        data = _as_bytes(tensor)
+        if data.numel() > self.spec.slot_bytes:
+            raise ValueError(f"message of {data.numel()} bytes exceeds the shm slot size {self.spec.slot_bytes}")
+        slot, seq = self.sent % self.spec.slots, self.sent + 1
+        header = self.headers[slot]
+        _spin_until(lambda: header[1] >= seq - self.spec.slots)  # the slot's previous message was read
+        self.payloads[slot][:data.numel()].copy_(data)
+        header[0] = seq  # x86 stores are seen in order: the payload is visible before the sequence number
+        self.sent = seq
+
+    def get(self, out: torch.Tensor) -> torch.Tensor:
+        slot, seq = self.received % self.spec.slots, self.received + 1
+        header = self.headers[slot]
+        _spin_until(lambda: header[0] >= seq)
+        view = _as_bytes(out) if out.is_contiguous() else None
+        nbytes = out.numel() * out.element_size()
+        if view is not None:
+            view.copy_(self.payloads[slot][:nbytes])
+        else:
+            out.copy_(self.payloads[slot][:nbytes].view(out.dtype).view(out.shape))
+        header[1] = seq
+        self.received = seq
+        return out
+
+    def close(self, unlink: bool) -> None:
+        self.headers.clear()
+        self.payloads.clear()
+        self.shm.close()
+        if unlink:
+            self.shm.unlink()
+
+
+def _spin_until(ready, timeout_s: float = 600.0) -> None:
+    """Busy-waits briefly, then yields the core: a peer on the other core answers in microseconds."""
+    for _ in range(2000):
+        if ready():
+            return
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError("shared-memory peer did not answer")
+        time.sleep(0)
+
+
+class ShmTransport:
+    """Channels are created by the driver (`create_channels`) and opened by both workers by name."""
+
+    def __init__(self, rank: int, channels: dict[tuple[int, int], ShmChannelSpec]):
+        self.rank = rank
+        self._out = {dst: _ShmChannel(spec, create=False) for (src, dst), spec in channels.items() if src == rank}
+        self._in = {src: _ShmChannel(spec, create=False) for (src, dst), spec in channels.items() if dst == rank}
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        self._out[peer].put(tensor)
+
+    def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
+        return self._in[peer].get(out)
+
+    def flush(self) -> None:
+        pass  # put() copies into shared memory before returning
+
+    def close(self) -> None:
+        for ch in [*self._out.values(), *self._in.values()]:
+            ch.close(unlink=False)
+
+
+def create_shm_channels(pairs: list[tuple[int, int]], slots: int, slot_bytes: int,
+                        prefix: str) -> tuple[dict[tuple[int, int], ShmChannelSpec], list[_ShmChannel]]:
+    """Creates one channel per (src, dst) pair; the caller keeps the returned handles and unlinks them at shutdown."""
+    specs, handles = {}, []
+    for src, dst in pairs:
+        spec = ShmChannelSpec(f"{prefix}-{src}-{dst}", slots, slot_bytes)
+        handles.append(_ShmChannel(spec, create=True))
+        specs[(src, dst)] = spec
+    return specs, handles
