@@ -48,6 +48,19 @@ def _bench_transport(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve import ServeSpec, format_serve_result, run_serve_bench
+
+    spec = ServeSpec(args.base_url, args.served_model, args.num_requests, args.input_len, args.output_len,
+                     args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed)
+    result = run_serve_bench(spec)
+    print(format_serve_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["failed"] == 0 else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server.api_server import run_server
     return run_server(args)
@@ -95,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--transport-dtype", default="float32", choices=["float32", "bfloat16"])
     tr.add_argument("--json", default=None)
     tr.set_defaults(func=_bench_transport)
+    sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server: Poisson arrivals, streaming")
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    sv.add_argument("--served-model", default="smollm2", help="the `model` field sent with each request")
+    sv.add_argument("--num-requests", type=int, default=128)
+    sv.add_argument("--input-len", type=int, default=128)
+    sv.add_argument("--output-len", type=int, default=128)
+    sv.add_argument("--max-concurrency", type=int, default=32)
+    sv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
+    sv.add_argument("--burstiness", type=float, default=1.0)
+    sv.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
+    sv.add_argument("--bench-seed", type=int, default=0)
+    sv.add_argument("--json", default=None)
+    sv.set_defaults(func=_bench_serve)
     return parser
 
 

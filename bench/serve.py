@@ -1,0 +1,142 @@
+"""Online load generator for any OpenAI-compatible server, in the manner of `vllm bench serve`.
+
+Random token-id prompts go to POST /v1/completions with `stream=true` and `stream_options.include_usage`; arrivals
+are Poisson (`--request-rate R`, gamma-shaped with `--burstiness`) or all at once (`inf`), capped by
+`--max-concurrency`. Per request it records TTFT, the gaps between streamed chunks (ITL), end-to-end latency and
+the server-reported output tokens; TPOT = (E2EL - TTFT) / (output tokens - 1).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ServeSpec:
+    base_url: str = "http://127.0.0.1:8000"
+    model: str = "smollm2"
+    num_requests: int = 128
+    input_len: int = 128
+    output_len: int = 128
+    max_concurrency: int = 32
+    request_rate: float = float("inf")  # requests per second; inf sends all at once
+    burstiness: float = 1.0  # 1.0: Poisson; < 1 burstier, > 1 more regular (gamma-distributed gaps)
+    vocab_size: int = 49152
+    seed: int = 0
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    e2el: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+
+def _prompts(spec: ServeSpec) -> list[list[int]]:
+    # Ids well inside the vocabulary, above the special tokens at its start.
+    rng = np.random.default_rng(spec.seed)
+    return rng.integers(100, spec.vocab_size - 100, (spec.num_requests, spec.input_len)).tolist()
+
+
+def _gaps(spec: ServeSpec) -> list[float]:
+    if spec.request_rate == float("inf"):
+        return [0.0] * spec.num_requests
+    rng = np.random.default_rng(spec.seed + 1)
+    theta = 1.0 / (spec.request_rate * spec.burstiness)
+    return rng.gamma(spec.burstiness, theta, spec.num_requests).tolist()
+
+
+async def _one(client, spec: ServeSpec, prompt: list[int]) -> RequestResult:
+    body = {"model": spec.model, "prompt": prompt, "max_tokens": spec.output_len, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    last = None
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", f"{spec.base_url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+        result.e2el = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+        if not result.ok:
+            result.error = "no usage in the stream"
+    except Exception as e:  # a failed request is counted, not fatal to the run
+        result.error = repr(e)
+    return result
+
+
+async def _run(spec: ServeSpec) -> tuple[list[RequestResult], float]:
+    import httpx
+
+    prompts, gaps = _prompts(spec), _gaps(spec)
+    limit = asyncio.Semaphore(spec.max_concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
+            max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency)) as client:
+        async def limited(prompt):
+            async with limit:
+                return await _one(client, spec, prompt)
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt, gap in zip(prompts, gaps):
+            await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(limited(prompt)))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def _summary(values: list[float]) -> dict:
+    ms = [v * 1000 for v in values]
+    if not ms:
+        return {"mean_ms": None, "median_ms": None, "p99_ms": None}
+    return {"mean_ms": statistics.fmean(ms), "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def run_serve_bench(spec: ServeSpec) -> dict:
+    results, duration = asyncio.run(_run(spec))
+    done = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in done)
+    tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    return {
+        "spec": asdict(spec), "completed": len(done), "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,
+        "output_tokens": out_tokens, "output_tok_per_s": out_tokens / duration,
+        "requests_per_s": len(done) / duration,
+        "ttft": _summary([r.ttft for r in done]), "tpot": _summary(tpot),
+        "itl": _summary([g for r in done for g in r.itl]), "e2el": _summary([r.e2el for r in done]),
+    }
+
+
+def format_serve_result(r: dict) -> str:
+    s = r["spec"]
+    line = lambda name: (f"{name.upper()} ms: mean {r[name]['mean_ms']:.1f} median {r[name]['median_ms']:.1f} "
+                         f"p99 {r[name]['p99_ms']:.1f}") if r[name]["mean_ms"] is not None else f"{name}: n/a"
+    return "\n".join([
+        f"{s['base_url']} model={s['model']} requests={s['num_requests']} in={s['input_len']} out={s['output_len']} "
+        f"max_concurrency={s['max_concurrency']} rate={s['request_rate']} burstiness={s['burstiness']}",
+        f"completed {r['completed']}, failed {r['failed']}, {r['duration_s']:.1f} s, "
+        f"output {r['output_tok_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s",
+        line("ttft"), line("tpot"), line("itl"), line("e2el"),
+    ] + [f"error: {e}" for e in r["errors"]])
