@@ -23,15 +23,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str | None, data) -> None:
+    """Benchmarks print their result and, with --json, also write it for bench/results/."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+
+
 def _bench_throughput(args: argparse.Namespace) -> int:
     from bench.throughput import ThroughputSpec, format_result, run_throughput
 
     spec = ThroughputSpec(args.num_requests, args.input_len, args.output_len, args.concurrency, args.bench_seed)
     result = run_throughput(engine_config_from_args(args), spec)
     print(format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.json, result)
     return 0
 
 
@@ -42,9 +47,7 @@ def _bench_transport(args: argparse.Namespace) -> int:
                for kind in args.transports]
     for r in results:
         print(format_transport_result(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    _write_json(args.json, results)
     return 0
 
 
@@ -55,9 +58,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
                      args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed)
     result = run_serve_bench(spec)
     print(format_serve_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.json, result)
     return 0 if result["failed"] == 0 else 1
 
 

@@ -76,3 +76,26 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     assert out.shape[1] == len(prompt) + max_new_tokens
     return out[0, len(prompt):].tolist()
+
+
+def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top: int):
+    """Runs all prompts batched through the engine with greedy sampling, logprobs and prompt logprobs, and checks
+    them against transformers: the same tokens, and every reported logprob within 1e-4 of transformers' log-softmax
+    (with transformers' top-`top` tokens among those reported). Returns the engine's outputs."""
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=top, prompt_logprobs=top)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, new_tokens)
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+        # prompt_logprobs[p] is the distribution that predicted prompt token p (from position p - 1).
+        positions = [(out.prompt_logprobs[p], ref[p - 1]) for p in range(1, len(prompt))]
+        positions += [(lp, ref[len(prompt) - 1 + j]) for j, lp in enumerate(out.outputs[0].logprobs)]
+        for reported, ref_row in positions:
+            for token_id, lp in reported.items():
+                assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id])
+            assert set(ref_row.topk(top).indices.tolist()) <= set(reported)
+    return outs

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_COMMON, hf_greedy, make_tiny_model, randomize_weights, write_byte_tokenizer
+from conftest import TINY_COMMON, generate_and_compare, make_tiny_model, randomize_weights, write_byte_tokenizer
 from engine import LLM, SamplingParams
 from models.layers.moe import MoEBlock
 
@@ -104,17 +104,7 @@ def _hf_deepseek_layout(state: dict) -> dict:
 def test_tiny_moe_model_matches_transformers(case, tmp_path):
     hf = _make(case, tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", block_size=16)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP, prompt_logprobs=TOP)
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)  # all prompts batched together
-    for prompt, out in zip(PROMPTS, outs):
-        tokens = out.outputs[0].token_ids
-        assert tokens == hf_greedy(hf, prompt, NEW_TOKENS)
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
-        for p in range(1, len(prompt)):
-            _assert_close(out.prompt_logprobs[p], ref[p - 1])
-        for j, position in enumerate(out.outputs[0].logprobs):
-            _assert_close(position, ref[len(prompt) - 1 + j])
+    generate_and_compare(llm, hf, PROMPTS, NEW_TOKENS, TOP)
     # Every MoE layer recorded its last step's load: T*k token copies over E experts.
     model = llm.engine.core.executor.runner.model
     blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoEBlock)]
@@ -122,12 +112,6 @@ def test_tiny_moe_model_matches_transformers(case, tmp_path):
     k = model.moe_config.router.top_k
     counts = [b.experts.last_tokens_per_expert for b in blocks]
     assert all(c.shape == (model.moe_config.num_experts,) and int(c.sum()) % k == 0 and c.sum() > 0 for c in counts)
-
-
-def _assert_close(position_logprobs, ref_row):
-    for token_id, lp in position_logprobs.items():
-        assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id].item())
-    assert set(ref_row.topk(TOP).indices.tolist()) <= set(position_logprobs)
 
 
 @pytest.mark.parametrize("case", ["qwen2_moe-shared-expert", "deepseek-v3-gating"])

@@ -3,7 +3,7 @@ greedy tokens equal, and logprobs at every prompt and output position within 1e-
 import pytest
 import torch
 
-from conftest import hf_greedy, make_tiny_model
+from conftest import generate_and_compare, make_tiny_model
 from engine import LLM, SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
@@ -26,26 +26,7 @@ CASES = {
 def test_tiny_model_matches_transformers(case, tmp_path):
     kwargs = dict(CASES[case])
     hf = make_tiny_model(tmp_path, kwargs.pop("arch"), **kwargs)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=16)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP, prompt_logprobs=TOP)
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)  # all prompts batched together
-    for prompt, out in zip(PROMPTS, outs):
-        tokens = out.outputs[0].token_ids
-        assert tokens == hf_greedy(hf, prompt, NEW_TOKENS)
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
-        # prompt_logprobs[p] is the distribution that predicted prompt token p (from position p - 1).
-        for p in range(1, len(prompt)):
-            _assert_close(out.prompt_logprobs[p], ref[p - 1])
-        for j, position in enumerate(out.outputs[0].logprobs):
-            _assert_close(position, ref[len(prompt) - 1 + j])
-
-
-def _assert_close(position_logprobs, ref_row):
-    for token_id, lp in position_logprobs.items():
-        assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id].item())
-    top_ref = ref_row.topk(TOP).indices.tolist()
-    assert set(top_ref) <= set(position_logprobs)
+    generate_and_compare(LLM(str(tmp_path), dtype="float32", block_size=16), hf, PROMPTS, NEW_TOKENS, TOP)
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
