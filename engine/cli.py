@@ -14,11 +14,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed_request)
-    llm = LLM(config=engine_config_from_args(args))
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        out = llm.generate([args.prompt], params, use_tqdm=False)
+    with LLM(config=engine_config_from_args(args)) as llm:
+        if args.chat:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+        else:
+            out = llm.generate([args.prompt], params, use_tqdm=False)
     print(out[0].outputs[0].text)
     return 0
 
