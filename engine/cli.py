@@ -62,6 +62,17 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0 if result["failed"] == 0 else 1
 
 
+def _bench_moe(args: argparse.Namespace) -> int:
+    from bench.moe import MoEBenchSpec, format_moe_result, run_moe_bench
+
+    spec = MoEBenchSpec(args.hidden, args.intermediate, args.experts, args.top_k, tuple(args.tokens),
+                        tuple(args.dtypes), args.repeats)
+    result = run_moe_bench(spec)
+    print(format_moe_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server.api_server import run_server
     return run_server(args)
@@ -122,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bench-seed", type=int, default=0)
     sv.add_argument("--json", default=None)
     sv.set_defaults(func=_bench_serve)
+    moe = bench_sub.add_parser("moe", help="MoE layer (router + experts) tokens/s against tokens, CPU torch path")
+    moe.add_argument("--hidden", type=int, default=512, help="default: Mixtral-8x7B scaled 8x down (bench/moe.py)")
+    moe.add_argument("--intermediate", type=int, default=1792, help="one expert's SwiGLU width")
+    moe.add_argument("--experts", type=int, default=8)
+    moe.add_argument("--top-k", type=int, default=2)
+    moe.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048])
+    moe.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--json", default=None)
+    moe.set_defaults(func=_bench_moe)
     return parser
 
 

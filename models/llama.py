@@ -1,4 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) and its MoE members (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeekMoE):
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) and its MoE members (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeekMoE,
+and our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py):
 pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
 Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
@@ -73,7 +74,8 @@ class LlamaDecoderLayer(nn.Module):
         else:
             self.router = Router(cfg.hidden_size, moe.router, fp32_logits=moe.router_fp32)
             self.mlp = MoEBlock(cfg.hidden_size, moe.num_experts, moe.intermediate_size,
-                                moe.shared_intermediate_size, moe.shared_expert_gate)
+                                moe.shared_intermediate_size, moe.shared_expert_gate,
+                                moe.residual_intermediate_size)
 
     def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
                   meta: AttentionMetadata, kv_cache: torch.Tensor
@@ -115,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
         self.moe_config = moe
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, variant, moe if moe is not None and i in moe.moe_layers else None)
+            LlamaDecoderLayer(cfg, variant, None if moe is None else moe.for_layer(i))
             for i in range(cfg.num_layers))
         if moe is not None:
             self.param_renames = [*moe.hf_renames, ("mlp.gate.weight", "router.gate.weight")]

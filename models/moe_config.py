@@ -4,11 +4,14 @@ Placement rules (which decoder layers are MoE; the others keep a dense MLP of wi
     Mixtral:        every layer
     Qwen2/3-MoE:    i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
     DeepSeek(MoE):  i >= first_k_dense_replace and i % moe_layer_freq == 0
+    PRMoE:          `moe_layers`, or (i + 1) % moe_layer_freq == 0  (models/prmoe.py documents the format)
+Pyramid MoE (PRMoE): each MoE layer may have its own expert count (`layer_num_experts`); `for_layer(i)` gives the
+config one decoder layer is built from.
 Router semantics per family: see models/layers/moe_router.py and ../shared/specs/moe.md §2.3-2.4.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from models.hf_config import TransformerConfig
 from models.layers.moe_router import RouterConfig
@@ -26,10 +29,32 @@ class MoEConfig:
     hf_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # ... after these HF -> ours substring renames.
     hf_renames: tuple[tuple[str, str], ...] = ()
+    # DeepSpeed Residual-MoE: a dense MLP of this width beside the routed experts, mixed by a learned 2-way softmax
+    # (models/layers/moe.py). 0: none.
+    residual_intermediate_size: int = 0
+    # Pyramid MoE: (layer, expert count) for the layers whose count differs from router.num_experts.
+    layer_num_experts: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.residual_intermediate_size and self.shared_intermediate_size:
+            raise ValueError("an MoE layer has either a shared expert or a residual MLP, not both")
+        stray = sorted(i for i, _ in self.layer_num_experts if i not in self.moe_layers)
+        if stray:
+            raise ValueError(f"expert counts given for layers {stray}, which are not MoE layers")
 
     @property
     def num_experts(self) -> int:
+        """The expert count of the MoE layers that have no per-layer count (pyramid MoE: see `for_layer`)."""
         return self.router.num_experts
+
+    def for_layer(self, layer: int) -> MoEConfig | None:
+        """The MoE config of decoder layer `layer` (with its own expert count), or None for a dense layer."""
+        if layer not in self.moe_layers:
+            return None
+        count = dict(self.layer_num_experts).get(layer, self.router.num_experts)
+        if count == self.router.num_experts:
+            return self
+        return replace(self, router=replace(self.router, num_experts=count), layer_num_experts=())
 
 
 def mixtral_moe_config(cfg: TransformerConfig) -> MoEConfig:

@@ -8,6 +8,7 @@ from torch import nn
 from models.hf_config import TransformerConfig
 from models.llama import LlamaForCausalLM, LlamaVariant
 from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
+from models.prmoe import prmoe_moe_config
 
 ModelFactory = Callable[[TransformerConfig, int], nn.Module]
 
@@ -23,6 +24,8 @@ _REGISTRY: dict[str, ModelFactory] = {
     "Qwen3MoeForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, qwen_moe_config(cfg)),
     # DeepSeekMoE (deepseek-moe-16b): MHA + DeepSeekMoE FFN; its config may carry DeepSeek-V2/V3 gating fields.
     "DeepseekForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg)),
+    # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
+    "PRMoEForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg)),
 }
 
 

@@ -1,18 +1,22 @@
-"""The MoE FFN half: routed experts in stacked weights, plus an optional always-on shared expert.
+"""The MoE FFN half: routed experts in stacked weights, plus an optional always-on shared expert or residual MLP.
 
     MoEBlock(x [T, H], routing) = Experts(x, topk_ids, topk_weights)            routed, kernels/moe
                                 + [sigmoid(shared_expert_gate(x)) *] shared_expert(x)
+    or, Residual-MoE (DeepSpeed-MoE `use_residual=True`, ../shared/specs/moe.md §1.2):
+        coef = softmax(coefficient(x))   [T, 2], Linear(H, 2) with bias, in fp32
+        MoEBlock(x, routing) = Experts(x, ...) * coef[:, 0] + residual_mlp(x) * coef[:, 1]
 
 Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
-FFN worker unchanged (ARCHITECTURE.md, seam 1). Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of
-width n_shared * moe_intermediate_size; Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
+FFN worker unchanged (ARCHITECTURE.md, seam 1); the residual coefficient needs only x, so it is computed here.
+Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of width n_shared * moe_intermediate_size;
+Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels.moe import fused_experts_torch
+from kernels.moe import select_moe_impl
 from models.layers.linear import Linear
 from models.layers.mlp import GatedMLP
 from models.layers.moe_router import Routing
@@ -29,25 +33,38 @@ class Experts(nn.Module):
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        out, self.last_tokens_per_expert = fused_experts_torch(x, self.w13, self.w2, topk_ids, topk_weights)
+        out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13, self.w2, topk_ids, topk_weights)
         return out
 
 
 class MoEBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
-                 shared_intermediate_size: int = 0, shared_expert_gate: bool = False):
+                 shared_intermediate_size: int = 0, shared_expert_gate: bool = False,
+                 residual_intermediate_size: int = 0):
         super().__init__()
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
         if shared_expert_gate and self.shared_expert is None:
             raise ValueError("a shared expert gate needs a shared expert")
+        if residual_intermediate_size and self.shared_expert is not None:
+            raise ValueError("an MoE block has either a shared expert or a residual MLP, not both")
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.residual_mlp = GatedMLP(hidden_size, residual_intermediate_size) if residual_intermediate_size else None
+        self.coefficient = Linear(hidden_size, 2, bias=True) if residual_intermediate_size else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         out = self.experts(x, routing.topk_ids, routing.topk_weights)
+        if self.residual_mlp is not None:
+            return self._mix_residual(x, out)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+    def _mix_residual(self, x: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
+        """Residual-MoE: the routed output and the dense MLP's, mixed per token by a learned 2-way softmax."""
+        coef = self.coefficient(x).float().softmax(dim=-1)
+        mixed = moe_out.float() * coef[:, :1] + self.residual_mlp(x).float() * coef[:, 1:]
+        return mixed.to(x.dtype)

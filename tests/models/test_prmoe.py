@@ -1,0 +1,275 @@
+"""PRMoE (DeepSpeed-MoE Pyramid-Residual MoE, models/prmoe.py) against naive references written here from the math:
+the Residual-MoE and pyramid-MoE layers token by token, and a tiny random checkpoint (written with safetensors)
+through the engine and through `afdserve serve`, against a plain-torch forward of the whole model.
+
+    residual MoE:  y = moe(x) * c[0] + mlp(x) * c[1],  c = softmax(W_c x + b_c),  moe(x) = sum_j p_j * expert_j(x)
+    expert / mlp:  down @ (silu(gate @ x) * (up @ x));  p = softmax(W_g x), top-k (ties: lowest id), top-1 unnormalized
+"""
+import json
+import math
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from conftest import write_byte_tokenizer
+from engine import LLM, SamplingParams
+from models.hf_config import load_transformer_config
+from models.layers.moe import MoEBlock
+from models.layers.moe_router import Router, RouterConfig
+from models.registry import build_model
+from server.server_process import MODEL_NAME, ServerProcess
+
+PRMOE_CONFIG = dict(
+    architectures=["PRMoEForCausalLM"], model_type="prmoe", vocab_size=128, hidden_size=32, intermediate_size=48,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+    max_position_embeddings=2048, tie_word_embeddings=False, eos_token_id=2, hidden_act="silu",
+    moe_layers=[1, 3], num_experts_per_layer=[4, 8], expert_intermediate_size=24, moe_top_k=1, residual_moe=True)
+PROMPTS = [[5, 17, 99, 3, 41, 8], list(range(10, 30)), [7]]
+NEW_TOKENS = 8
+
+
+# ---- the naive reference, token by token --------------------------------------------------------------------------
+
+def swiglu(x, gate, up, down):
+    return down @ (F.silu(gate @ x) * (up @ x))
+
+
+def moe_token(x, gate_w, experts, top_k, renormalize, residual=None):
+    """One token through an MoE layer. experts: [(gate, up, down)]; residual: (gate, up, down, coef_w, coef_b)."""
+    probs = torch.softmax(gate_w @ x, dim=0)
+    chosen = sorted(range(len(experts)), key=lambda e: (-probs[e].item(), e))[:top_k]
+    weights = [probs[e] for e in chosen]
+    if renormalize:
+        weights = [w / sum(weights) for w in weights]
+    out = sum(w * swiglu(x, *experts[e]) for w, e in zip(weights, chosen))
+    if residual is None:
+        return out
+    *mlp, coef_w, coef_b = residual
+    c = torch.softmax(coef_w @ x + coef_b, dim=0)
+    return out * c[0] + swiglu(x, *mlp) * c[1]
+
+
+def rms_norm(x, weight, eps):
+    return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rope(x, positions, theta):
+    """x [T, heads, d], neox layout (the two halves rotate together)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    angles = positions[:, None].float() * inv_freq
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * cos + rotated * sin
+
+
+def reference_logits(w: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
+    """Logits [T, V] of the whole PRMoE model on one sequence, from the HF-named weights."""
+    nh, nkv, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    d = cfg["hidden_size"] // nh
+    T = len(ids)
+    x = w["model.embed_tokens.weight"][ids]
+    positions = torch.arange(T)
+    experts_of = dict(zip(cfg["moe_layers"], cfg["num_experts_per_layer"]))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+        q = rope((h @ w[p + "self_attn.q_proj.weight"].T).view(T, nh, d), positions, cfg["rope_theta"])
+        k = rope((h @ w[p + "self_attn.k_proj.weight"].T).view(T, nkv, d), positions, cfg["rope_theta"])
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, nkv, d)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, nh * d)
+        x = x + attn @ w[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        x = x + torch.stack([_ffn_token(w, cfg, p, experts_of.get(i), h[t]) for t in range(T)])
+    return rms_norm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
+
+
+def _ffn_token(w, cfg, p, num_experts, x):
+    mlp = lambda prefix: tuple(w[f"{prefix}{n}_proj.weight"] for n in ("gate", "up", "down"))  # noqa: E731
+    if num_experts is None:
+        return swiglu(x, *mlp(p + "mlp."))
+    experts = [mlp(f"{p}mlp.experts.{e}.") for e in range(num_experts)]
+    residual = None
+    if cfg["residual_moe"]:
+        residual = (*mlp(p + "mlp.residual_mlp."), w[p + "mlp.coefficient.weight"], w[p + "mlp.coefficient.bias"])
+    top_k = cfg["moe_top_k"]
+    return moe_token(x, w[p + "mlp.gate.weight"], experts, top_k, cfg.get("norm_topk_prob", top_k > 1), residual)
+
+
+def reference_greedy(w, cfg, prompt, new_tokens):
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(reference_logits(w, cfg, ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+# ---- the tiny checkpoint --------------------------------------------------------------------------------------------
+
+def make_tiny_prmoe(directory, seed: int = 0, **overrides) -> tuple[dict, dict]:
+    """Random HF-named weights (models/prmoe.py's layout) saved with safetensors, config.json and a tokenizer."""
+    cfg = {**PRMOE_CONFIG, **overrides}
+    H, V, nh, nkv = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, I_dense, I_exp = H // nh, cfg["intermediate_size"], cfg["expert_intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, std=0.2, mean=0.0: torch.randn(*shape, generator=g) * std + mean  # noqa: E731
+
+    def mlp(prefix, inter):
+        return {f"{prefix}gate_proj.weight": rand(inter, H), f"{prefix}up_proj.weight": rand(inter, H),
+                f"{prefix}down_proj.weight": rand(H, inter)}
+
+    w = {"model.embed_tokens.weight": rand(V, H, std=1.0), "model.norm.weight": rand(H, std=0.1, mean=1.0),
+         "lm_head.weight": rand(V, H)}
+    experts_of = dict(zip(cfg["moe_layers"], cfg["num_experts_per_layer"]))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": rand(H, std=0.1, mean=1.0),
+                  p + "post_attention_layernorm.weight": rand(H, std=0.1, mean=1.0),
+                  p + "self_attn.q_proj.weight": rand(nh * d, H), p + "self_attn.k_proj.weight": rand(nkv * d, H),
+                  p + "self_attn.v_proj.weight": rand(nkv * d, H), p + "self_attn.o_proj.weight": rand(H, nh * d)})
+        if i not in experts_of:
+            w.update(mlp(p + "mlp.", I_dense))
+            continue
+        w[p + "mlp.gate.weight"] = rand(experts_of[i], H, std=1.0)
+        for e in range(experts_of[i]):
+            w.update(mlp(f"{p}mlp.experts.{e}.", I_exp))
+        if cfg["residual_moe"]:
+            w.update(mlp(p + "mlp.residual_mlp.", I_exp))
+            w.update({p + "mlp.coefficient.weight": rand(2, H, std=0.5), p + "mlp.coefficient.bias": rand(2)})
+    save_file(w, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(cfg))
+    write_byte_tokenizer(directory, V)
+    return w, cfg
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------------
+
+def _random_params(module, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _block_params(block: MoEBlock, router: Router):
+    I = block.experts.w2.shape[2]
+    w13, w2 = block.experts.w13.detach(), block.experts.w2.detach()
+    experts = [(w13[e, :I], w13[e, I:], w2[e]) for e in range(w13.shape[0])]
+    residual = None
+    if block.residual_mlp is not None:
+        gate, up = block.residual_mlp.gate_up_proj.weight.detach().chunk(2)
+        residual = (gate, up, block.residual_mlp.down_proj.weight.detach(),
+                    block.coefficient.weight.detach(), block.coefficient.bias.detach())
+    return router.gate.weight.detach(), experts, residual
+
+
+@pytest.mark.parametrize("top_k,renormalize", [(1, False), (2, True), (2, False)])
+def test_residual_moe_layer_matches_naive_reference(top_k, renormalize):
+    H, E, I = 32, 6, 24
+    router = Router(H, RouterConfig(num_experts=E, top_k=top_k, renormalize=renormalize))
+    block = MoEBlock(H, E, I, residual_intermediate_size=I)
+    _random_params(router, 1)
+    _random_params(block, 2)
+    x = torch.randn(13, H, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = block(x, router(x))
+    gate_w, experts, residual = _block_params(block, router)
+    ref = torch.stack([moe_token(x[t], gate_w, experts, top_k, renormalize, residual) for t in range(len(x))])
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+    # Both terms matter: the mix differs from either part alone.
+    no_residual = torch.stack([moe_token(x[t], gate_w, experts, top_k, renormalize) for t in range(len(x))])
+    assert (out - no_residual).abs().max() > 1e-2
+
+
+def test_pyramid_moe_layers_have_their_own_expert_counts_and_match_reference(tmp_path):
+    _, cfg = make_tiny_prmoe(tmp_path, num_hidden_layers=6, moe_layers=[1, 3, 5], num_experts_per_layer=[2, 4, 8],
+                             moe_top_k=2)
+    model = build_model(load_transformer_config(tmp_path), 64)
+    _random_params(model, 4)
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["GatedMLP", "MoEBlock"] * 3
+    assert [layer.mlp.experts.w13.shape[0] for layer in model.layers[1::2]] == [2, 4, 8]
+    assert [layer.router.gate.weight.shape for layer in model.layers[1::2]] == [(n, 32) for n in (2, 4, 8)]
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(5))
+    for layer in model.layers[1::2]:
+        with torch.no_grad():
+            out = layer.ffn_half(x, layer.router(x))
+        gate_w, experts, residual = _block_params(layer.mlp, layer.router)
+        ref = torch.stack([moe_token(x[t], gate_w, experts, 2, True, residual) for t in range(len(x))])
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+def test_prmoe_config_placement_and_errors(tmp_path):
+    make_tiny_prmoe(tmp_path)
+    cfg = load_transformer_config(tmp_path)
+    del cfg.raw["moe_layers"]  # default: every other layer, 1, 3, ...
+    cfg.raw.update(num_experts_per_layer=4, residual_moe=False)
+    model = build_model(cfg, 64)
+    assert [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)] == [1, 3]
+    assert model.layers[1].mlp.residual_mlp is None
+    cfg.raw.update(num_experts_per_layer=[4, 8, 16])
+    with pytest.raises(ValueError, match="3 entries for 2 MoE layers"):
+        build_model(cfg, 64)
+    cfg.raw.update(num_experts_per_layer=[4, 8], moe_layers=[1, 7])
+    with pytest.raises(ValueError, match=r"moe_layers \[7\] outside"):
+        build_model(cfg, 64)
+
+
+@pytest.fixture
+def tiny_prmoe(tmp_path):
+    return tmp_path, *make_tiny_prmoe(tmp_path)
+
+
+def test_prmoe_checkpoint_round_trips_through_the_engine(tiny_prmoe):
+    model_dir, w, cfg = tiny_prmoe
+    llm = LLM(str(model_dir), dtype="float32", block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)  # batched
+    for prompt, out in zip(PROMPTS, outs):
+        tokens = out.outputs[0].token_ids
+        assert tokens == reference_greedy(w, cfg, prompt, NEW_TOKENS)
+        with torch.no_grad():
+            ref = reference_logits(w, cfg, prompt + tokens).log_softmax(-1)
+        for j, (token, lp) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+            assert abs(lp[token].logprob - ref[len(prompt) - 1 + j, token].item()) < 1e-4
+    model = llm.engine.core.executor.runner.model
+    assert [layer.mlp.experts.last_tokens_per_expert.shape[0] for layer in model.layers[1::2]] == [4, 8]
+
+
+def test_prmoe_serves_through_afdserve_serve(tiny_prmoe, tmp_path):
+    model_dir, w, cfg = tiny_prmoe
+    with ServerProcess(model_dir, tmp_path / "server.log", "--num-kv-blocks", "64") as server:
+        resp = httpx.post(server.url("/v1/completions"), timeout=60,
+                          json=dict(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                    ignore_eos=True, logprobs=1))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["usage"]["completion_tokens"] == 5
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == 5
+    expected = reference_greedy(w, cfg, PROMPTS[0], 5)
+    assert body["choices"][0]["logprobs"]["tokens"] == [f"<{t}>" for t in expected]
+
+
+def test_prmoe_generates_in_bfloat16(tiny_prmoe):
+    model_dir, _, _ = tiny_prmoe
+    llm = LLM(str(model_dir), dtype="bfloat16", block_size=16)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    model = llm.engine.core.executor.runner.model
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_prmoe_through_afd_1a1f_equals_local(tiny_prmoe):
+    """Pyramid expert counts and the residual mix live in the FFN worker; routing travels with ffn_input."""
+    model_dir, w, cfg = tiny_prmoe
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    llm = LLM(str(model_dir), dtype="float32", afd="1A1F", micro_batches=2, afd_transport="shm")
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == [reference_greedy(w, cfg, p, NEW_TOKENS) for p in PROMPTS]
