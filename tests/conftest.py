@@ -99,3 +99,23 @@ def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top
                 assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id])
             assert set(ref_row.topk(top).indices.tolist()) <= set(reported)
     return outs
+
+
+def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> None:
+    """Drives the engine's runner directly: a `prefill`-token chunk, then the rest one decode step at a time; the
+    raw logits at every position equal transformers' forward within 1e-4."""
+    from engine import SamplingParams
+    from engine.request import Request
+    from engine.scheduler import ScheduledRequest
+
+    runner = llm.engine.core.executor.runner
+    request = Request("r", tokens, SamplingParams(temperature=0))
+    blocks = list(range(-(-len(tokens) // llm.engine.config.cache.block_size)))
+    chunks = [(0, prefill)] + [(p, 1) for p in range(prefill, len(tokens))]
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0]
+        for start, n in chunks:
+            batch = runner.build_batch([ScheduledRequest(request, start, n, blocks)])
+            hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
+            logits = runner.model.compute_logits(hidden)
+            assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)

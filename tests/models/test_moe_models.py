@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_COMMON, generate_and_compare, make_tiny_model, randomize_weights, write_byte_tokenizer
+from conftest import (TINY_COMMON, assert_raw_logits_match, generate_and_compare, make_tiny_model, randomize_weights,
+                      write_byte_tokenizer)
 from engine import LLM, SamplingParams
 from models.layers.moe import MoEBlock
 
@@ -117,23 +118,8 @@ def test_tiny_moe_model_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["qwen2_moe-shared-expert", "deepseek-v3-gating"])
 def test_tiny_moe_raw_logits_match_transformers(case, tmp_path):
     """Raw logits of a prefill chunk and of the decodes after it, against transformers' forward."""
-    from engine.request import Request
-    from engine.scheduler import ScheduledRequest
-
     hf = _make(case, tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=16)
-    runner = llm.engine.core.executor.runner
-    tokens = list(range(3, 40))
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0]
-    request = Request("r", tokens, SamplingParams(temperature=0))
-    chunks = [(0, 30)] + [(p, 1) for p in range(30, len(tokens))]
-    with torch.no_grad():
-        for start, n in chunks:
-            batch = runner.build_batch([ScheduledRequest(request, start, n, list(range(3)))])
-            hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
-            logits = runner.model.compute_logits(hidden)
-            assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)
+    assert_raw_logits_match(LLM(str(tmp_path), dtype="float32", block_size=16), hf, list(range(3, 40)))
 
 
 def test_layer_placement_follows_config(tmp_path):

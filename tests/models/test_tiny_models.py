@@ -1,10 +1,9 @@
 """Tiny random Llama-family checkpoints through the whole engine against transformers (the oracle):
 greedy tokens equal, and logprobs at every prompt and output position within 1e-4 (fp32)."""
 import pytest
-import torch
 
-from conftest import generate_and_compare, make_tiny_model
-from engine import LLM, SamplingParams
+from conftest import assert_raw_logits_match, generate_and_compare, make_tiny_model
+from engine import LLM
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
 NEW_TOKENS = 24
@@ -32,23 +31,6 @@ def test_tiny_model_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
 def test_tiny_model_raw_logits_match_transformers(case, tmp_path):
     """The raw logits at every position of a prefill and of the decodes after it, against transformers' forward."""
-    from engine.request import Request
-    from engine.scheduler import ScheduledRequest
-
     kwargs = dict(CASES[case])
     hf = make_tiny_model(tmp_path, kwargs.pop("arch"), **kwargs)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=16)
-    runner = llm.engine.core.executor.runner
-    tokens = list(range(3, 40))
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0]
-    request = Request("r", tokens, SamplingParams(temperature=0))
-    blocks = list(range(3))  # 48 slots for 37 tokens
-    # A 30-token prefill chunk, then the remaining tokens one decode step at a time.
-    chunks = [(0, 30)] + [(p, 1) for p in range(30, len(tokens))]
-    with torch.no_grad():
-        for start, n in chunks:
-            batch = runner.build_batch([ScheduledRequest(request, start, n, blocks)])
-            hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
-            logits = runner.model.compute_logits(hidden)
-            assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)
+    assert_raw_logits_match(LLM(str(tmp_path), dtype="float32", block_size=16), hf, list(range(3, 40)))
