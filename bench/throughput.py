@@ -73,12 +73,14 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
                 bar.update(1)
     elapsed = time.perf_counter() - start
     stats = engine.core.stats()
+    afd_times = engine.core.executor.stage_times() if config.parallel.enabled else None
     engine.shutdown()
     return {
         "model": config.model.model, "dtype": config.model.dtype, "spec": asdict(spec),
         "elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_per_s": out_tokens / elapsed,
         "requests_per_s": spec.num_requests / elapsed, "ttft": _stats(ttft), "tpot": _stats(tpot),
         "num_preemptions": stats.num_preemptions, "engine_steps": engine.core.num_steps,
+        "afd": config.parallel.afd, "micro_batches": config.parallel.micro_batches, "afd_stage_times": afd_times,
     }
 
 
@@ -91,4 +93,14 @@ def format_result(r: dict) -> str:
         f"{r['requests_per_s']:.2f} req/s, preemptions {r['num_preemptions']}",
         f"TTFT ms: mean {r['ttft']['mean_ms']:.1f} median {r['ttft']['median_ms']:.1f} p99 {r['ttft']['p99_ms']:.1f}",
         f"TPOT ms: mean {r['tpot']['mean_ms']:.1f} median {r['tpot']['median_ms']:.1f} p99 {r['tpot']['p99_ms']:.1f}",
-    ])
+    ] + _afd_lines(r))
+
+
+def _afd_lines(r: dict) -> list[str]:
+    t = r.get("afd_stage_times")
+    if not t:
+        return []
+    return [f"AFD {r['afd']} m={r['micro_batches']}, per layer and step (incl. warm-up): attention "
+            f"{t['attention_ms_per_layer']:.2f} ms, FFN {t['ffn_ms_per_layer']:.2f} ms; waiting (transfer + the "
+            f"other side) attention {t['attention_wait_ms_per_layer']:.2f} ms, FFN {t['ffn_wait_ms_per_layer']:.2f} "
+            f"ms; bubble attention {t['attention_bubble']:.0%}, FFN {t['ffn_bubble']:.0%}"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cluster.attention_worker import AttentionWorker
 from cluster.ffn_worker import FFNWorker
+from cluster.stage_timer import summarize
 from cluster.transport import create_shm_channels
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunnerOutput
@@ -71,6 +72,12 @@ class AFDExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         import ray
         return ray.get(self.attention.execute.remote(scheduler_output))
+
+    def stage_times(self) -> dict:
+        """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start."""
+        import ray
+        attention, ffn = ray.get([self.attention.stage_times.remote(), self.ffn.stage_times.remote()])
+        return summarize(attention, ffn)
 
     def shutdown(self) -> None:
         import ray

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from cluster.micro_batch import split_micro_batches
+from cluster.stage_timer import StageTimer
 from cluster.step_header import STEP, STOP, encode_header
 from cluster.worker_common import build_transport
 from engine.config import EngineConfig
@@ -27,6 +28,7 @@ class AFDModelRunner(ModelRunner):
         self.micro_batches = config.parallel.micro_batches
         self.transport = None
         self.ffn_rank: int | None = None
+        self.timer = StageTimer()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -43,7 +45,11 @@ class AFDModelRunner(ModelRunner):
         return out
 
     def pipelined_forward(self, batches: list[FlatBatch]) -> list[torch.Tensor]:
-        model, ffn, send, recv = self.model, self.ffn_rank, self.transport.send, self.transport.recv
+        model, ffn, send, timer = self.model, self.ffn_rank, self.transport.send, self.timer
+
+        def recv(out: torch.Tensor, peer: int) -> torch.Tensor:
+            return timer.wait(self.transport.recv, out, peer)
+
         send(encode_header(STEP, [len(b.input_ids) for b in batches]), ffn)
         hidden = [model.embed_tokens(b.input_ids) for b in batches]
         residual: list[torch.Tensor | None] = [None] * len(batches)
@@ -52,14 +58,15 @@ class AFDModelRunner(ModelRunner):
             for j, batch in enumerate(batches):
                 if index > 0:
                     hidden[j] = recv(torch.empty_like(residual[j]), ffn)  # F's output for layer index - 1
-                ffn_input, residual[j], routing = layer.attn_half(hidden[j], residual[j], rope[j], batch.meta,
-                                                                  self.kv_caches[index])
+                ffn_input, residual[j], routing = timer.compute(layer.attn_half, hidden[j], residual[j], rope[j],
+                                                                batch.meta, self.kv_caches[index])
                 send(ffn_input, ffn)
                 if routing is not None:
                     send(routing.topk_ids, ffn)
                     send(routing.topk_weights, ffn)
         hidden = [recv(torch.empty_like(r), ffn) for r in residual]
         self.transport.flush()
+        timer.step_done(len(model.layers))
         return [model.norm(h, r)[0] for h, r in zip(hidden, residual)]
 
 
@@ -88,6 +95,9 @@ class AttentionWorker:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         torch.set_num_threads(self.threads)  # per calling thread (OpenMP); Ray may run methods off the init thread
         return self.runner.execute(sched)
+
+    def stage_times(self) -> dict:
+        return self.runner.timer.times.as_dict()
 
     def stop_ffn(self) -> None:
         self.runner.transport.send(encode_header(STOP, []), self.runner.ffn_rank)

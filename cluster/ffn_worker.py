@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.stage_timer import StageTimer
 from cluster.step_header import STOP, decode_header, empty_header
 from cluster.worker_common import build_transport, load_worker_model
 from engine.config import EngineConfig
@@ -29,6 +30,7 @@ class FFNWorker:
         self.hidden_size = model_config.hidden_size
         self.transport = None
         self._thread: threading.Thread | None = None
+        self.timer = StageTimer()
         self.error: str | None = None
 
     def init_transport(self, kind: str, **kwargs) -> None:
@@ -37,6 +39,9 @@ class FFNWorker:
     def start(self, attention_rank: int) -> None:
         self._thread = threading.Thread(target=self._serve, args=(attention_rank,), daemon=True)
         self._thread.start()
+
+    def stage_times(self) -> dict:
+        return self.timer.times.as_dict()
 
     def ping(self) -> str | None:
         """Liveness, and the error that stopped the serving loop if any."""
@@ -58,14 +63,18 @@ class FFNWorker:
 
     def _step(self, peer: int, tokens_per_micro_batch: list[int]) -> None:
         dtype = self.model.embed_tokens.weight.dtype
+        timer = self.timer
+
+        def recv(shape, dtype) -> torch.Tensor:
+            return timer.wait(self.transport.recv, torch.empty(shape, dtype=dtype), peer)
+
         for layer in self.model.layers:
             for num_tokens in tokens_per_micro_batch:
-                ffn_input = self.transport.recv(torch.empty(num_tokens, self.hidden_size, dtype=dtype), peer)
+                ffn_input = recv((num_tokens, self.hidden_size), dtype)
                 routing = None
                 if layer.router is not None:
                     k = layer.router.top_k
-                    ids = self.transport.recv(torch.empty(num_tokens, k, dtype=torch.int64), peer)
-                    weights = self.transport.recv(torch.empty(num_tokens, k, dtype=torch.float32), peer)
-                    routing = Routing(ids, weights)
-                self.transport.send(layer.ffn_half(ffn_input, routing), peer)
+                    routing = Routing(recv((num_tokens, k), torch.int64), recv((num_tokens, k), torch.float32))
+                self.transport.send(timer.compute(layer.ffn_half, ffn_input, routing), peer)
         self.transport.flush()
+        timer.step_done(len(self.model.layers))
