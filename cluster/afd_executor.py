@@ -13,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
+import ray
+
 from cluster.attention_worker import AttentionWorker
 from cluster.ffn_worker import FFNWorker
 from cluster.stage_timer import summarize
@@ -26,7 +28,6 @@ ATTENTION_RANK, FFN_RANK = 0, 1
 
 
 def init_ray(address: str | None) -> None:
-    import ray
     if ray.is_initialized():
         return
     if address is None:  # a private local cluster; actors take no CPU slots so any xAyF fits on a small host
@@ -38,7 +39,6 @@ def init_ray(address: str | None) -> None:
 class AFDExecutor:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
-        import ray
         par = config.parallel
         if (par.num_attention_workers, par.num_ffn_workers) != (1, 1):
             raise ValueError(f"afd={par.afd!r}: this build runs 1A1F only")
@@ -54,7 +54,6 @@ class AFDExecutor:
         ray.get(self.ffn.start.remote(ATTENTION_RANK))
 
     def _connect(self, kind: str, config: EngineConfig, model_config: TransformerConfig) -> None:
-        import ray
         if kind == "gloo":
             ip, port = ray.get([self.attention.node_ip.remote(), self.attention.free_port.remote()])
             common = dict(world_size=2, init_method=f"tcp://{ip}:{port}")
@@ -70,17 +69,14 @@ class AFDExecutor:
                  self.ffn.init_transport.remote(kind, **common)])
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        import ray
         return ray.get(self.attention.execute.remote(scheduler_output))
 
     def stage_times(self) -> dict:
         """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start."""
-        import ray
         attention, ffn = ray.get([self.attention.stage_times.remote(), self.ffn.stage_times.remote()])
         return summarize(attention, ffn)
 
     def shutdown(self) -> None:
-        import ray
         try:
             ray.get(self.attention.stop_ffn.remote(), timeout=30)
         finally:

@@ -7,7 +7,6 @@ FFN half, and sends `ffn_out` back — in the same order the attention worker se
 from __future__ import annotations
 
 import threading
-import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ class FFNWorker:
         self.transport = None
         self._thread: threading.Thread | None = None
         self.timer = StageTimer()
-        self.error: str | None = None
 
     def init_transport(self, kind: str, **kwargs) -> None:
         self.transport = build_transport(kind, self.rank, **kwargs)
@@ -43,23 +41,15 @@ class FFNWorker:
     def stage_times(self) -> dict:
         return self.timer.times.as_dict()
 
-    def ping(self) -> str | None:
-        """Liveness, and the error that stopped the serving loop if any."""
-        return self.error
-
     @torch.inference_mode()
     def _serve(self, peer: int) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it in this one too
-        try:
-            header = empty_header()
-            while True:
-                op, tokens = decode_header(self.transport.recv(header, peer))
-                if op == STOP:
-                    return
-                self._step(peer, tokens)
-        except BaseException:
-            self.error = traceback.format_exc()
-            raise
+        header = empty_header()
+        while True:
+            op, tokens = decode_header(self.transport.recv(header, peer))
+            if op == STOP:
+                return
+            self._step(peer, tokens)
 
     def _step(self, peer: int, tokens_per_micro_batch: list[int]) -> None:
         dtype = self.model.embed_tokens.weight.dtype

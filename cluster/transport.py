@@ -36,6 +36,13 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).view(-1)
 
 
+def _byte_view(out: torch.Tensor) -> torch.Tensor:
+    """The bytes of a receive buffer, written in place: the buffer must be contiguous."""
+    if not out.is_contiguous():
+        raise ValueError("receive buffers must be contiguous")
+    return out.view(torch.uint8).view(-1)
+
+
 # ---- gloo ---------------------------------------------------------------------------------------------------------
 class GlooTransport:
     def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 600):
@@ -50,7 +57,7 @@ class GlooTransport:
         self._pending.append((dist.isend(payload, peer), payload))
 
     def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
-        dist.recv(_as_bytes(out) if out.is_contiguous() else out, peer)
+        dist.recv(_byte_view(out), peer)
         return out
 
     def flush(self) -> None:
@@ -105,12 +112,8 @@ class _ShmChannel:
         slot, seq = self.received % self.spec.slots, self.received + 1
         header = self.headers[slot]
         _spin_until(lambda: header[0] >= seq)
-        view = _as_bytes(out) if out.is_contiguous() else None
-        nbytes = out.numel() * out.element_size()
-        if view is not None:
-            view.copy_(self.payloads[slot][:nbytes])
-        else:
-            out.copy_(self.payloads[slot][:nbytes].view(out.dtype).view(out.shape))
+        view = _byte_view(out)
+        view.copy_(self.payloads[slot][:view.numel()])
         header[1] = seq
         self.received = seq
         return out

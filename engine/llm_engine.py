@@ -80,11 +80,15 @@ class LLMEngine:
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:3]}")
+        self.check_token_ids(ids, "prompt token ids")
         return None, ids
+
+    def check_token_ids(self, token_ids: list[int], field: str) -> None:
+        """Every id names a token of this model's vocabulary (the server checks its inputs with this too)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{field} must be integers in [0, {vocab}), got {bad[:3]}")
 
     def _check_params(self, params: SamplingParams) -> None:
         """The checks that need the model (SamplingParams makes the rest): a bad value here would fail a whole step."""
@@ -93,9 +97,7 @@ class LLMEngine:
             k = getattr(params, name)
             if k is not None and k > vocab:
                 raise ValueError(f"{name} must be at most the vocabulary size {vocab}, got {k}")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad[:3]}")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

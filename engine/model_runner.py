@@ -100,7 +100,6 @@ class ModelRunner:
             num_decodes=len(decode_lens),
             decode_block_tables=torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables],
                                              dtype=torch.long).view(len(decode_tables), max_blocks),
-            decode_seq_lens=seq_lens,
             decode_mask_bias=torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1),
             prefills=prefills,
         )

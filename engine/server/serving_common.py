@@ -43,10 +43,10 @@ class ServingContext:
             raise model_not_found(requested)
 
     def check_token_ids(self, token_ids: list[int], field: str) -> None:
-        vocab = self.engine.engine.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise APIError(f"{field} must be token ids in [0, {vocab}), got {bad[:3]}", 400, field)
+        try:
+            self.engine.engine.check_token_ids(token_ids, field)
+        except ValueError as e:
+            raise APIError(str(e), 400, field) from None
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, field: str) -> None:
         """400 when the prompt plus the requested output does not fit the context (vLLM's rule and message)."""

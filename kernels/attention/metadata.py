@@ -25,6 +25,5 @@ class AttentionMetadata:
     block_size: int
     num_decodes: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long, padded with 0
-    decode_seq_lens: torch.Tensor  # [num_decodes] long
     decode_mask_bias: torch.Tensor  # [num_decodes, 1, max_blocks * block_size] float: 0, or -inf past seq_len
     prefills: list[PrefillSeq] = field(default_factory=list)
