@@ -1,11 +1,13 @@
-"""AFDExecutor: the executor interface (ARCHITECTURE.md, seam 5) over Ray actors.
+"""AFDExecutor: the executor interface (ARCHITECTURE.md, seam 5) over Ray actors, for any xAyF.
 
-    EngineCore ──execute(SchedulerOutput)──► AttentionWorker (KV cache, attention, router, LM head, sampler)
-                                                   ⇅ per layer and micro-batch, over the transport (never Ray)
-                                              FFNWorker (MLP / experts)
+    EngineCore ──execute(SchedulerOutput)──► x AttentionWorkers (each: its requests' KV cache, attention, router,
+                                              │                  LM head, sampler)
+                                              ⇅ per layer and micro-batch, over the transport (never Ray)
+                                             y FFNWorkers (MLP / experts; with y > 1 each holds a shard)
 
-One Ray call per step carries the scheduler's output to the attention worker; the per-layer tensors go
-point-to-point. This slice runs 1A1F.
+One Ray call per attention worker per step carries its share of the scheduler's output (each scheduled request
+names its attention rank: engine/dp_scheduler.py); the per-layer tensors go point-to-point. Ranks on the data plane:
+attention workers 0..x-1, FFN workers x..x+y-1.
 """
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ from engine.model_runner import ModelRunnerOutput
 from engine.scheduler import SchedulerOutput
 from models.hf_config import TransformerConfig
 
-ATTENTION_RANK, FFN_RANK = 0, 1
-
 
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
@@ -40,47 +40,63 @@ class AFDExecutor:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         par = config.parallel
-        if (par.num_attention_workers, par.num_ffn_workers) != (1, 1):
-            raise ValueError(f"afd={par.afd!r}: this build runs 1A1F only")
+        x, y = par.num_attention_workers, par.num_ffn_workers
         init_ray(par.ray_address)
-        threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // 2)
+        threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // (x + y))
+        self.attention_ranks = list(range(x))
+        self.ffn_ranks = list(range(x, x + y))
         remote_attention = ray.remote(num_cpus=0)(AttentionWorker)
         remote_ffn = ray.remote(num_cpus=0)(FFNWorker)
-        self.attention = remote_attention.remote(config, model_dir, model_config, num_kv_blocks, max_model_len,
-                                                 ATTENTION_RANK, threads)
-        self.ffn = remote_ffn.remote(config, model_dir, model_config, max_model_len, FFN_RANK, threads)
+        self.attention = [remote_attention.remote(config, model_dir, model_config, num_kv_blocks, max_model_len,
+                                                  rank, threads) for rank in self.attention_ranks]
+        self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index, y)
+                    for index, rank in enumerate(self.ffn_ranks)]
         self._shm_handles = []
         self._connect(par.transport, config, model_config)
-        ray.get(self.ffn.start.remote(ATTENTION_RANK))
+        ray.get([ffn.start.remote(self.attention_ranks) for ffn in self.ffn])
 
     def _connect(self, kind: str, config: EngineConfig, model_config: TransformerConfig) -> None:
         if kind == "gloo":
-            ip, port = ray.get([self.attention.node_ip.remote(), self.attention.free_port.remote()])
-            common = dict(world_size=2, init_method=f"tcp://{ip}:{port}")
+            ip, port = ray.get([self.attention[0].node_ip.remote(), self.attention[0].free_port.remote()])
+            common = dict(world_size=len(self.attention) + len(self.ffn), init_method=f"tcp://{ip}:{port}")
         else:
             # One slot per micro-batch in flight; a slot holds the largest message: a full step's tokens x hidden.
             tokens = config.scheduler.max_num_batched_tokens
             slot_bytes = tokens * model_config.hidden_size * 4
-            channels, self._shm_handles = create_shm_channels(
-                [(ATTENTION_RANK, FFN_RANK), (FFN_RANK, ATTENTION_RANK)], config.parallel.micro_batches + 1,
-                slot_bytes, f"afd-{uuid.uuid4().hex[:8]}")
+            pairs = [p for a in self.attention_ranks for f in self.ffn_ranks for p in ((a, f), (f, a))]
+            channels, self._shm_handles = create_shm_channels(pairs, config.parallel.micro_batches + 1, slot_bytes,
+                                                              f"afd-{uuid.uuid4().hex[:8]}")
             common = dict(channels=channels)
-        ray.get([self.attention.init_transport.remote(kind, FFN_RANK, **common),
-                 self.ffn.init_transport.remote(kind, **common)])
+        ray.get([w.init_transport.remote(kind, self.ffn_ranks, **common) for w in self.attention] +
+                [w.init_transport.remote(kind, **common) for w in self.ffn])
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return ray.get(self.attention.execute.remote(scheduler_output))
+        """Every attention worker runs every step, an idle one too: the FFN workers serve all ranks in lockstep."""
+        if len(self.attention) == 1:
+            return ray.get(self.attention[0].execute.remote(scheduler_output))
+        indices: list[list[int]] = [[] for _ in self.attention]
+        for i, item in enumerate(scheduler_output.scheduled):
+            indices[item.rank].append(i)
+        parts = [SchedulerOutput([scheduler_output.scheduled[i] for i in rank_indices],
+                                 scheduler_output.finished_request_ids) for rank_indices in indices]
+        results = ray.get([w.execute.remote(part) for w, part in zip(self.attention, parts)])
+        out = ModelRunnerOutput.empty(len(scheduler_output.scheduled))
+        for result, rank_indices in zip(results, indices):
+            out.fill_from(result, rank_indices)
+        return out
 
     def stage_times(self) -> dict:
-        """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start."""
-        attention, ffn = ray.get([self.attention.stage_times.remote(), self.ffn.stage_times.remote()])
-        return summarize(attention, ffn)
+        """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start (worker 0 of
+        each kind; `workers` has every worker's raw times)."""
+        attention = ray.get([w.stage_times.remote() for w in self.attention])
+        ffn = ray.get([w.stage_times.remote() for w in self.ffn])
+        return {**summarize(attention[0], ffn[0]), "workers": {"attention": attention, "ffn": ffn}}
 
     def shutdown(self) -> None:
         try:
-            ray.get(self.attention.stop_ffn.remote(), timeout=30)
+            ray.get([w.stop_ffn.remote() for w in self.attention], timeout=30)
         finally:
-            for actor in (self.attention, self.ffn):
+            for actor in [*self.attention, *self.ffn]:
                 ray.kill(actor)
             for handle in self._shm_handles:
                 handle.close(unlink=True)

@@ -1,9 +1,12 @@
 """AttentionWorker: a Ray actor that owns the KV cache and runs everything but the FFN halves.
 
-It is a ModelRunner whose forward pass sends each layer's FFN input to the FFN worker. The step's batch splits into
-m micro-batches kept in flight, so the FFN worker computes micro-batch j while this worker runs attention for j+1:
+It is a ModelRunner whose forward pass sends each layer's FFN input to the FFN workers. The step's batch splits into
+m micro-batches kept in flight, so the FFN workers compute micro-batch j while this worker runs attention for j+1:
 
     layer l:  recv F(l-1, j) -> attn_half(l, j) -> send A->F(l, j)      for j = 0..m-1
+
+With y > 1 FFN workers every one gets the same input and returns a partial sum (its experts, its slice of the MLP);
+this worker adds the partials up in fp32 (Step-3's "reduction module" on the attention side).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ class AFDModelRunner(ModelRunner):
         super().__init__(config, model_dir, model_config, num_kv_blocks, max_model_len)
         self.micro_batches = config.parallel.micro_batches
         self.transport = None
-        self.ffn_rank: int | None = None
+        self.ffn_ranks: list[int] = []
         self.timer = StageTimer()
 
     @torch.inference_mode()
@@ -36,38 +39,48 @@ class AFDModelRunner(ModelRunner):
         groups = split_micro_batches(sched.scheduled, self.micro_batches)
         batches = [self.build_batch([sched.scheduled[i] for i in g]) for g in groups]
         hiddens = self.pipelined_forward(batches)
-        out = ModelRunnerOutput([None] * len(sched.scheduled), [None] * len(sched.scheduled))
+        out = ModelRunnerOutput.empty(len(sched.scheduled))
         for group, batch, hidden in zip(groups, batches, hiddens):
-            part = self.sample([sched.scheduled[i] for i in group], batch, self.compute_logits(batch, hidden))
-            for local, i in enumerate(group):
-                out.sampled[i], out.logprobs[i] = part.sampled[local], part.logprobs[local]
-            out.prompt_logprobs.update(part.prompt_logprobs)
+            out.fill_from(self.sample([sched.scheduled[i] for i in group], batch, self.compute_logits(batch, hidden)),
+                          group)
         return out
 
     def pipelined_forward(self, batches: list[FlatBatch]) -> list[torch.Tensor]:
-        model, ffn, send, timer = self.model, self.ffn_rank, self.transport.send, self.timer
-
-        def recv(out: torch.Tensor, peer: int) -> torch.Tensor:
-            return timer.wait(self.transport.recv, out, peer)
-
-        send(encode_header(STEP, [len(b.input_ids) for b in batches]), ffn)
+        """Runs the step (possibly no batches: a data-parallel rank with nothing scheduled still tells the FFN
+        workers so, since they serve every rank each step)."""
+        model, timer = self.model, self.timer
+        header = encode_header(STEP, [len(b.input_ids) for b in batches])
+        for ffn in self.ffn_ranks:
+            self.transport.send(header, ffn)
         hidden = [model.embed_tokens(b.input_ids) for b in batches]
         residual: list[torch.Tensor | None] = [None] * len(batches)
-        rope = [model.rotary.tables(b.positions, hidden[0].dtype) for b in batches]
+        rope = [model.rotary.tables(b.positions, h.dtype) for b, h in zip(batches, hidden)]
         for index, layer in enumerate(model.layers):
             for j, batch in enumerate(batches):
                 if index > 0:
-                    hidden[j] = recv(torch.empty_like(residual[j]), ffn)  # F's output for layer index - 1
+                    hidden[j] = self.recv_ffn_output(residual[j])  # the FFN output of layer index - 1
                 ffn_input, residual[j], routing = timer.compute(layer.attn_half, hidden[j], residual[j], rope[j],
                                                                 batch.meta, self.kv_caches[index])
-                send(ffn_input, ffn)
-                if routing is not None:
-                    send(routing.topk_ids, ffn)
-                    send(routing.topk_weights, ffn)
-        hidden = [recv(torch.empty_like(r), ffn) for r in residual]
+                for ffn in self.ffn_ranks:
+                    self.transport.send(ffn_input, ffn)
+                    if routing is not None:
+                        self.transport.send(routing.topk_ids, ffn)
+                        self.transport.send(routing.topk_weights, ffn)
+        hidden = [self.recv_ffn_output(r) for r in residual]
         self.transport.flush()
-        timer.step_done(len(model.layers))
+        if batches:
+            timer.step_done(len(model.layers))
         return [model.norm(h, r)[0] for h, r in zip(hidden, residual)]
+
+    def recv_ffn_output(self, like: torch.Tensor) -> torch.Tensor:
+        """One FFN worker's output, or the sum of every worker's partial output."""
+        recv = self.transport.recv
+        if len(self.ffn_ranks) == 1:
+            return self.timer.wait(recv, torch.empty_like(like), self.ffn_ranks[0])
+        total = torch.zeros(like.shape, dtype=torch.float32)
+        for ffn in self.ffn_ranks:
+            total += self.timer.wait(recv, torch.empty_like(like), ffn)
+        return total.to(like.dtype)
 
 
 class AttentionWorker:
@@ -88,9 +101,9 @@ class AttentionWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def init_transport(self, kind: str, ffn_rank: int, **kwargs) -> None:
+    def init_transport(self, kind: str, ffn_ranks: list[int], **kwargs) -> None:
         self.runner.transport = build_transport(kind, self.rank, **kwargs)
-        self.runner.ffn_rank = ffn_rank
+        self.runner.ffn_ranks = ffn_ranks
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         torch.set_num_threads(self.threads)  # per calling thread (OpenMP); Ray may run methods off the init thread
@@ -100,5 +113,6 @@ class AttentionWorker:
         return self.runner.timer.times.as_dict()
 
     def stop_ffn(self) -> None:
-        self.runner.transport.send(encode_header(STOP, []), self.runner.ffn_rank)
+        for ffn in self.runner.ffn_ranks:
+            self.runner.transport.send(encode_header(STOP, []), ffn)
         self.runner.transport.flush()

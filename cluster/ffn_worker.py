@@ -1,8 +1,13 @@
-"""FFNWorker: a Ray actor that holds the FFN halves (MLP or MoE experts) and serves one attention worker.
+"""FFNWorker: a Ray actor that holds the FFN halves (MLP or MoE experts) and serves every attention worker.
 
-Per step it reads a header (how many micro-batches, how many tokens each), then for every layer and micro-batch
-receives `ffn_input` (and, on MoE layers, the top-k ids and weights the attention side routed), runs the layer's
-FFN half, and sends `ffn_out` back — in the same order the attention worker sends.
+Per step it reads a header from each attention worker (how many micro-batches, how many tokens each; none for a
+data-parallel rank with nothing scheduled). Then for every layer and micro-batch index j it receives `ffn_input`
+(and, on MoE layers, the top-k ids and weights the attention side routed) from each rank that has a micro-batch j,
+runs the layer's FFN half once over all of them together — the batching across attention workers that makes the
+FFN side compute-bound (Step-3) — and sends each rank its rows back, in the order the attention workers send.
+
+With y > 1 FFN workers this one holds shard `ffn_index` of `num_ffn_workers`: a contiguous range of experts and a
+slice of every dense MLP (models/layers/mlp.py, moe.py); its outputs are partial sums the attention side adds up.
 """
 from __future__ import annotations
 
@@ -21,11 +26,14 @@ from models.layers.moe_router import Routing
 
 class FFNWorker:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, max_model_len: int,
-                 rank: int, threads: int):
+                 rank: int, threads: int, ffn_index: int = 0, num_ffn_workers: int = 1):
         torch.set_num_threads(threads)
         self.threads = threads
         self.rank = rank
         self.model = load_worker_model(config, model_dir, model_config, max_model_len)
+        if num_ffn_workers > 1:
+            for layer in self.model.layers:
+                layer.mlp.shard_(ffn_index, num_ffn_workers)
         self.hidden_size = model_config.hidden_size
         self.transport = None
         self._thread: threading.Thread | None = None
@@ -34,37 +42,49 @@ class FFNWorker:
     def init_transport(self, kind: str, **kwargs) -> None:
         self.transport = build_transport(kind, self.rank, **kwargs)
 
-    def start(self, attention_rank: int) -> None:
-        self._thread = threading.Thread(target=self._serve, args=(attention_rank,), daemon=True)
+    def start(self, attention_ranks: list[int]) -> None:
+        self._thread = threading.Thread(target=self._serve, args=(attention_ranks,), daemon=True)
         self._thread.start()
 
     def stage_times(self) -> dict:
         return self.timer.times.as_dict()
 
     @torch.inference_mode()
-    def _serve(self, peer: int) -> None:
+    def _serve(self, peers: list[int]) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it in this one too
-        header = empty_header()
         while True:
-            op, tokens = decode_header(self.transport.recv(header, peer))
-            if op == STOP:
+            headers = [decode_header(self.transport.recv(empty_header(), peer)) for peer in peers]
+            if any(op == STOP for op, _ in headers):
                 return
-            self._step(peer, tokens)
+            self._step({peer: tokens for peer, (_, tokens) in zip(peers, headers)})
 
-    def _step(self, peer: int, tokens_per_micro_batch: list[int]) -> None:
+    def _step(self, tokens_per_micro_batch: dict[int, list[int]]) -> None:
         dtype = self.model.embed_tokens.weight.dtype
-        timer = self.timer
+        timer, transport = self.timer, self.transport
 
-        def recv(shape, dtype) -> torch.Tensor:
-            return timer.wait(self.transport.recv, torch.empty(shape, dtype=dtype), peer)
+        def recv(shape, dtype, peer: int) -> torch.Tensor:
+            return timer.wait(transport.recv, torch.empty(shape, dtype=dtype), peer)
 
+        num_micro_batches = max(len(tokens) for tokens in tokens_per_micro_batch.values())
+        if num_micro_batches == 0:
+            return
         for layer in self.model.layers:
-            for num_tokens in tokens_per_micro_batch:
-                ffn_input = recv((num_tokens, self.hidden_size), dtype)
-                routing = None
-                if layer.router is not None:
-                    k = layer.router.top_k
-                    routing = Routing(recv((num_tokens, k), torch.int64), recv((num_tokens, k), torch.float32))
-                self.transport.send(timer.compute(layer.ffn_half, ffn_input, routing), peer)
-        self.transport.flush()
+            k = layer.router.top_k if layer.router is not None else 0
+            for j in range(num_micro_batches):
+                parts = [(peer, tokens[j]) for peer, tokens in tokens_per_micro_batch.items() if j < len(tokens)]
+                inputs, ids, weights = [], [], []
+                for peer, n in parts:
+                    inputs.append(recv((n, self.hidden_size), dtype, peer))
+                    if k:
+                        ids.append(recv((n, k), torch.int64, peer))
+                        weights.append(recv((n, k), torch.float32, peer))
+                routing = Routing(_cat(ids), _cat(weights)) if k else None
+                out = timer.compute(layer.ffn_half, _cat(inputs), routing)
+                for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
+                    transport.send(rows, peer)
+        transport.flush()
         timer.step_done(len(self.model.layers))
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

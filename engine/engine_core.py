@@ -9,6 +9,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import TokenLogprobs
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.config import EngineConfig
+from engine.dp_scheduler import DataParallelScheduler
 
 
 @dataclass
@@ -25,10 +26,25 @@ class EngineCoreOutput:
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int):
         self.config = config
-        self.kv = KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len)
+        # One KV cache per attention rank: data-parallel attention (AFD with x > 1 attention workers) has several.
+        num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
+        self.kv_managers = [KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+                            for _ in range(num_ranks)]
+        self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len) if num_ranks == 1 else
+                          DataParallelScheduler(config.scheduler, self.kv_managers, max_model_len))
         self.executor = executor
         self.num_steps = 0
+
+    @property
+    def kv(self) -> KVCacheManager:
+        """The KV cache manager of a single-rank engine."""
+        if len(self.kv_managers) != 1:
+            raise AttributeError("this engine has one KV cache per attention rank: use kv_managers")
+        return self.kv_managers[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(kv.num_free_blocks for kv in self.kv_managers)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

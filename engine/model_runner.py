@@ -24,6 +24,16 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None]
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # request id -> this chunk's
 
+    @classmethod
+    def empty(cls, num_scheduled: int) -> "ModelRunnerOutput":
+        return cls([None] * num_scheduled, [None] * num_scheduled)
+
+    def fill_from(self, part: "ModelRunnerOutput", indices: list[int]) -> None:
+        """Places the output of a sub-batch (micro-batch, attention rank) whose i-th request was indices[i]."""
+        for local, i in enumerate(indices):
+            self.sampled[i], self.logprobs[i] = part.sampled[local], part.logprobs[local]
+        self.prompt_logprobs.update(part.prompt_logprobs)
+
 
 @dataclass
 class FlatBatch:
@@ -108,7 +118,7 @@ class ModelRunner:
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def sample(self, scheduled: list[ScheduledRequest], batch: FlatBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        out = ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
+        out = ModelRunnerOutput.empty(len(scheduled))
         last_rows, sampling_items = [], []
         offset = 0
         for i, (_, count), wants_prompt in zip(batch.order, batch.logits_rows, batch.wants_prompt_logprobs):

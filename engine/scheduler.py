@@ -21,6 +21,7 @@ class ScheduledRequest:
     start_pos: int  # tokens before this chunk already have KV
     num_tokens: int  # tokens in this chunk
     block_ids: list[int]
+    rank: int = 0  # the attention rank whose KV cache holds the request (data-parallel attention)
 
     @property
     def token_ids(self) -> list[int]:
@@ -57,9 +58,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, rank: int = 0):
         self.config = config
         self.kv = kv
+        self.rank = rank
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -128,7 +130,7 @@ class Scheduler:
 
     def _grant(self, request: Request, num_new: int) -> ScheduledRequest:
         scheduled = ScheduledRequest(request, request.num_computed_tokens, num_new,
-                                     self.kv.block_ids(request.request_id))
+                                     self.kv.block_ids(request.request_id), self.rank)
         request.num_computed_tokens += num_new
         return scheduled
 

@@ -37,19 +37,24 @@ def permute_by_expert(topk_ids: torch.Tensor, num_experts: int) -> ExpertPermuta
 
 def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                         topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (out [T, H] in x's dtype, tokens_per_expert [E]); see the module docstring."""
+    """x [T, H] -> (out [T, H] in x's dtype, tokens_per_expert [E]); see the module docstring.
+
+    An id of E (one past the last expert) means "an expert another FFN worker holds" (expert parallelism): those
+    copies sort last and are skipped, so they contribute nothing here."""
     num_experts = w13.shape[0]
-    perm = permute_by_expert(topk_ids, num_experts)
-    rows = x.index_select(0, perm.token_idx)
-    out_rows = torch.empty_like(rows)
+    perm = permute_by_expert(topk_ids, num_experts + 1)
     bounds = perm.expert_offsets.tolist()
+    here = bounds[num_experts]  # copies routed to this worker's experts
+    token_idx = perm.token_idx[:here]
+    rows = x.index_select(0, token_idx)
+    out_rows = torch.empty_like(rows)
     for e in range(num_experts):
         start, end = bounds[e], bounds[e + 1]
         if start == end:
             continue
         gate, up = F.linear(rows[start:end], w13[e]).chunk(2, dim=-1)
         out_rows[start:end] = F.linear(F.silu(gate) * up, w2[e])
-    weights = topk_weights.reshape(-1).index_select(0, perm.order).float()
+    weights = topk_weights.reshape(-1).index_select(0, perm.order[:here]).float()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, perm.token_idx, out_rows.float() * weights.unsqueeze(-1))
-    return out.to(x.dtype), perm.tokens_per_expert
+    out.index_add_(0, token_idx, out_rows.float() * weights.unsqueeze(-1))
+    return out.to(x.dtype), perm.tokens_per_expert[:num_experts]

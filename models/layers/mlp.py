@@ -1,4 +1,8 @@
-"""The gated (SwiGLU) MLP: down(silu(gate(x)) * up(x)), with gate and up fused into one linear."""
+"""The gated (SwiGLU) MLP: down(silu(gate(x)) * up(x)), with gate and up fused into one linear.
+
+Sharding (AFD with several FFN workers): the MLP is a sum over its intermediate dimension, so world workers that
+each keep one slice [lo, hi) of it (gate and up rows, down columns) return partial outputs that sum to the whole.
+"""
 from __future__ import annotations
 
 import torch
@@ -17,3 +21,27 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def shard_(self, rank: int, world: int) -> None:
+        """Keeps the intermediate slice of `rank` out of `world`, in place; its output becomes a partial sum."""
+        lo, hi = shard_range(self.down_proj.in_features, rank, world)
+        gate, up = self.gate_up_proj.weight.detach().chunk(2)
+        self.gate_up_proj = _linear_from(torch.cat([gate[lo:hi], up[lo:hi]]))
+        self.down_proj = _linear_from(self.down_proj.weight.detach()[:, lo:hi].contiguous())
+
+
+def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
+    """The [lo, hi) part of `size` items that `rank` of `world` holds: contiguous and as equal as possible."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if size < world:
+        raise ValueError(f"cannot split {size} items over {world} workers")
+    return rank * size // world, (rank + 1) * size // world
+
+
+def _linear_from(weight: torch.Tensor) -> Linear:
+    out_features, in_features = weight.shape
+    linear = Linear(in_features, out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.prepare_for_inference()
+    return linear

@@ -6,6 +6,10 @@
         coef = softmax(coefficient(x))   [T, 2], Linear(H, 2) with bias, in fp32
         MoEBlock(x, routing) = Experts(x, ...) * coef[:, 0] + residual_mlp(x) * coef[:, 1]
 
+Expert parallelism (AFD with several FFN workers): `shard_` keeps a contiguous range of experts and a slice of the
+shared expert / residual MLP; routed copies for other workers' experts are skipped, and the workers' outputs sum to
+the whole block's (every term is linear in the parts, the per-token gate and mixing coefficients included).
+
 Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
 FFN worker unchanged (ARCHITECTURE.md, seam 1); the residual coefficient needs only x, so it is computed here.
 Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of width n_shared * moe_intermediate_size;
@@ -18,7 +22,7 @@ from torch import nn
 
 from kernels.moe import select_moe_impl
 from models.layers.linear import Linear
-from models.layers.mlp import GatedMLP
+from models.layers.mlp import GatedMLP, shard_range
 from models.layers.moe_router import Routing
 
 
@@ -29,12 +33,27 @@ class Experts(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.num_global_experts = num_experts  # the router's id space; w13/w2 hold experts [offset, offset + E_local)
+        self.expert_offset = 0
         # Tokens (token copies, T*k in all) each expert received in the last forward: balancing / AFD planner input.
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        num_local = self.w13.shape[0]
+        if num_local != self.num_global_experts:
+            if x.device.type != "cpu":
+                raise NotImplementedError("expert-parallel shards run the torch expert path only")
+            local = topk_ids - self.expert_offset
+            topk_ids = torch.where((local >= 0) & (local < num_local), local, num_local)  # num_local: not here
         out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13, self.w2, topk_ids, topk_weights)
         return out
+
+    def shard_(self, rank: int, world: int) -> None:
+        """Keeps experts [lo, hi) of `rank` out of `world`, in place."""
+        lo, hi = shard_range(self.num_global_experts, rank, world)
+        self.w13 = nn.Parameter(self.w13.detach()[lo:hi].clone(), requires_grad=False)
+        self.w2 = nn.Parameter(self.w2.detach()[lo:hi].clone(), requires_grad=False)
+        self.expert_offset = lo
 
 
 class MoEBlock(nn.Module):
@@ -62,6 +81,13 @@ class MoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+    def shard_(self, rank: int, world: int) -> None:
+        """Expert parallelism for the routed experts, a tensor-parallel slice of the always-on MLP."""
+        self.experts.shard_(rank, world)
+        for mlp in (self.shared_expert, self.residual_mlp):
+            if mlp is not None:
+                mlp.shard_(rank, world)
 
     def _mix_residual(self, x: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
         """Residual-MoE: the routed output and the dense MLP's, mixed per token by a learned 2-way softmax."""

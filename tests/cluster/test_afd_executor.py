@@ -1,5 +1,5 @@
-"""AFD on Ray against the local executor (the oracle): greedy fp32 tokens identical for 1A1F with 1, 2 and 3
-micro-batches over both transports, with requests of mixed lengths so steps mix prefill chunks and decodes."""
+"""AFD on Ray against the local executor (the oracle): greedy fp32 tokens identical for 1A1F, 1A2F and 2A1F with 1, 2
+and 3 micro-batches, with requests of mixed lengths so steps mix prefill chunks and decodes."""
 import pytest
 
 from conftest import make_tiny_model
@@ -60,9 +60,43 @@ def test_micro_batches_cover_every_request_once_in_order():
     assert [len(g) for g in split_micro_batches([SimpleNamespace(num_tokens=1)] * 32, 2)] == [16, 16]
 
 
-@pytest.mark.parametrize("afd, message", [("3X", "must look like 1A1F"), ("0A1F", "must look like 1A1F"),
-                                          ("2A1F", "1A1F only")])
-def test_unsupported_afd_ratios_are_rejected_clearly(tiny_llama, afd, message):
+@pytest.mark.parametrize("afd, micro_batches, transport", [
+    ("1A2F", 1, "shm"), ("1A2F", 3, "gloo"), ("2A1F", 2, "shm"), ("2A1F", 3, "gloo"), ("2A2F", 2, "shm")])
+def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport):
+    """1A2F: each FFN worker holds half of every MLP's intermediate dimension and the attention side sums the two
+    partials. 2A1F: requests split over two attention workers with their own KV caches; the FFN worker batches both."""
+    path, expected = tiny_llama
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=48, afd=afd, micro_batches=micro_batches,
+              afd_transport=transport)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        assert got == expected
+        core = llm.engine.core
+        assert core.num_free_blocks == len(core.kv_managers) * llm.engine.num_kv_blocks
+        if afd.startswith("2A"):  # both attention workers served requests
+            workers = core.executor.stage_times()["workers"]["attention"]
+            assert all(w["steps"] > 0 for w in workers)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("afd", ["1A2F", "2A2F"])
+def test_afd_expert_parallel_moe_equals_local(tmp_path, afd):
+    """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) with its experts split over two FFN
+    workers and its shared expert / dense MLP sliced between them."""
+    make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1])
+    expected = [o.outputs[0].token_ids for o in
+                LLM(str(tmp_path), dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)]
+    llm = LLM(str(tmp_path), dtype="float32", afd=afd, micro_batches=2, afd_transport="shm")
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("afd", ["3X", "0A1F", "1A0F", "A1F"])
+def test_malformed_afd_ratios_are_rejected_clearly(tiny_llama, afd):
     path, _ = tiny_llama
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="must look like 1A1F"):
         LLM(str(path), dtype="float32", afd=afd)

@@ -1,0 +1,72 @@
+"""`afdserve serve --afd xAyF` against the offline local executor (the oracle): greedy fp32 completions through the
+HTTP server are identical, for SmolLM2 and for a tiny MoE, over 1A1F, 1A2F and 2A1F and 1, 2 and 3 micro-batches.
+Each model sees every ratio and every micro-batch count once (six servers in all, to keep CI short).
+
+The requests are sent concurrently so the engine batches them: the micro-batches split real batches and both
+attention ranks of 2A1F get requests."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI
+
+from conftest import make_tiny_model
+from engine import LLM, SamplingParams
+
+from .server_process import MODEL_NAME, ServerProcess
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7, 7], list(range(60, 90))]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """Qwen2-MoE: routed experts (split over two FFN workers in 1A2F), a gated shared expert, one dense layer."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    make_tiny_model(path, "qwen2_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1])
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline_texts():
+    """The local executor's greedy texts, computed once per model."""
+    cache: dict[str, list[str]] = {}
+
+    def texts(model_dir) -> list[str]:
+        if str(model_dir) not in cache:
+            cache[str(model_dir)] = _generate_locally(model_dir)
+        return cache[str(model_dir)]
+    return texts
+
+
+def _generate_locally(model_dir) -> list[str]:
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=2048)
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                           use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def served_texts(server: ServerProcess) -> list[str]:
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused")
+
+    def complete(prompt: list[int]) -> str:
+        return client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(complete, PROMPTS))
+
+
+CASES = [("smollm2", "1A1F", 1), ("smollm2", "1A2F", 2), ("smollm2", "2A1F", 3),
+         ("tiny-moe", "1A1F", 2), ("tiny-moe", "1A2F", 3), ("tiny-moe", "2A1F", 1)]
+
+
+@pytest.mark.parametrize("model, afd, micro_batches", CASES)
+def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, tiny_moe, offline_texts, tmp_path):
+    model_dir = smollm2_dir if model == "smollm2" else tiny_moe
+    expected = offline_texts(model_dir)
+    with ServerProcess(model_dir, tmp_path / "server.log", "--num-kv-blocks", "64", "--afd", afd,
+                       "--micro-batches", str(micro_batches), "--afd-transport", "shm") as server:
+        assert served_texts(server) == expected
