@@ -8,9 +8,15 @@
 One Ray call per attention worker per step carries its share of the scheduler's output (each scheduled request
 names its attention rank: engine/dp_scheduler.py); the per-layer tensors go point-to-point. Ranks on the data plane:
 attention workers 0..x-1, FFN workers x..x+y-1.
+
+Faults: while a step runs, the FFN workers are pinged every `HEALTH_CHECK_S` (their serving loop has its own
+thread, so a live one answers at once; an attention worker's death fails its step's future directly). A dead or
+failed worker makes the step raise WorkerFailedError after every worker has been replaced: the attention workers
+are replaced too, since they are blocked mid-step on the dead peer and their KV caches are now inconsistent.
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,9 +28,13 @@ from cluster.ffn_worker import FFNWorker
 from cluster.stage_timer import summarize
 from cluster.transport import create_shm_channels
 from engine.config import EngineConfig
+from engine.executor import WorkerFailedError
 from engine.model_runner import ModelRunnerOutput
 from engine.scheduler import SchedulerOutput
 from models.hf_config import TransformerConfig
+
+logger = logging.getLogger(__name__)
+HEALTH_CHECK_S = 1.0
 
 
 def init_ray(address: str | None) -> None:
@@ -40,18 +50,25 @@ class AFDExecutor:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         par = config.parallel
-        x, y = par.num_attention_workers, par.num_ffn_workers
         init_ray(par.ray_address)
-        threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // (x + y))
-        self.attention_ranks = list(range(x))
-        self.ffn_ranks = list(range(x, x + y))
+        self._worker_args = (config, model_dir, model_config, num_kv_blocks, max_model_len)
+        self.attention_ranks = list(range(par.num_attention_workers))
+        self.ffn_ranks = list(range(par.num_attention_workers, par.num_attention_workers + par.num_ffn_workers))
+        self.num_restarts = 0
+        self._shm_handles = []
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        config, model_dir, model_config, num_kv_blocks, max_model_len = self._worker_args
+        par = config.parallel
+        threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // (len(self.attention_ranks) +
+                                                                            len(self.ffn_ranks)))
         remote_attention = ray.remote(num_cpus=0)(AttentionWorker)
         remote_ffn = ray.remote(num_cpus=0)(FFNWorker)
         self.attention = [remote_attention.remote(config, model_dir, model_config, num_kv_blocks, max_model_len,
                                                   rank, threads) for rank in self.attention_ranks]
-        self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index, y)
-                    for index, rank in enumerate(self.ffn_ranks)]
-        self._shm_handles = []
+        self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index,
+                                      len(self.ffn_ranks)) for index, rank in enumerate(self.ffn_ranks)]
         self._connect(par.transport, config, model_config)
         ray.get([ffn.start.remote(self.attention_ranks) for ffn in self.ffn])
 
@@ -72,18 +89,44 @@ class AFDExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Every attention worker runs every step, an idle one too: the FFN workers serve all ranks in lockstep."""
-        if len(self.attention) == 1:
-            return ray.get(self.attention[0].execute.remote(scheduler_output))
         indices: list[list[int]] = [[] for _ in self.attention]
         for i, item in enumerate(scheduler_output.scheduled):
             indices[item.rank].append(i)
         parts = [SchedulerOutput([scheduler_output.scheduled[i] for i in rank_indices],
                                  scheduler_output.finished_request_ids) for rank_indices in indices]
-        results = ray.get([w.execute.remote(part) for w, part in zip(self.attention, parts)])
+        results = self._wait_step([w.execute.remote(part) for w, part in zip(self.attention, parts)])
+        if len(results) == 1:
+            return results[0]
         out = ModelRunnerOutput.empty(len(scheduler_output.scheduled))
         for result, rank_indices in zip(results, indices):
             out.fill_from(result, rank_indices)
         return out
+
+    def _wait_step(self, futures: list) -> list[ModelRunnerOutput]:
+        try:
+            while True:
+                ready, _ = ray.wait(futures, num_returns=len(futures), timeout=HEALTH_CHECK_S)
+                if len(ready) == len(futures):
+                    return ray.get(futures)
+                if not all(ray.get([w.ping.remote() for w in self.ffn], timeout=30)):
+                    raise RuntimeError("an FFN worker's serving thread has stopped")
+        except Exception as e:  # a dead actor (RayActorError), a failed step (RayTaskError) or a hung FFN worker
+            self._replace_workers()
+            raise WorkerFailedError(f"an AFD worker failed during the step ({type(e).__name__}: {e}); the "
+                                    f"workers were restarted and the requests in flight were lost") from e
+
+    def _replace_workers(self) -> None:
+        logger.error("AFD worker failure: replacing all %d workers", len(self.attention) + len(self.ffn))
+        self._stop_workers()
+        self.num_restarts += 1
+        self._start_workers()
+
+    def _stop_workers(self) -> None:
+        for actor in [*self.attention, *self.ffn]:
+            ray.kill(actor)
+        for handle in self._shm_handles:
+            handle.close(unlink=True)
+        self._shm_handles = []
 
     def stage_times(self) -> dict:
         """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start (worker 0 of
@@ -96,8 +139,4 @@ class AFDExecutor:
         try:
             ray.get([w.stop_ffn.remote() for w in self.attention], timeout=30)
         finally:
-            for actor in [*self.attention, *self.ffn]:
-                ray.kill(actor)
-            for handle in self._shm_handles:
-                handle.close(unlink=True)
-            self._shm_handles = []
+            self._stop_workers()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Protocol
 
 import numpy as np
@@ -88,6 +88,10 @@ class _ShmChannel:
     def __init__(self, spec: ShmChannelSpec, create: bool):
         size = spec.slots * (_HEADER + spec.slot_bytes)
         self.shm = shared_memory.SharedMemory(name=spec.name, create=create, size=size if create else 0)
+        if not create:
+            # Python < 3.13 registers attached segments too, and a worker's tracker would unlink them when the
+            # worker dies: the creator (the executor) owns the segment's lifetime.
+            resource_tracker.unregister(self.shm._name, "shared_memory")
         self.spec = spec
         buf = np.ndarray((spec.slots, _HEADER + spec.slot_bytes), dtype=np.uint8, buffer=self.shm.buf)
         if create:
@@ -123,7 +127,10 @@ class _ShmChannel:
         self.payloads.clear()
         self.shm.close()
         if unlink:
-            self.shm.unlink()
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:  # already gone: nothing to release
+                pass
 
 
 def _spin_until(ready, timeout_s: float = 600.0) -> None:

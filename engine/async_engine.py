@@ -31,6 +31,15 @@ class RequestAbortedError(RuntimeError):
     """Raised in a request's stream when someone else aborted it (a server draining on shutdown)."""
 
 
+class RequestFailedError(RuntimeError):
+    """Raised in a request's stream when the engine ended it with an error (an AFD worker died under it); the
+    engine itself goes on. `output` is the request's last output, finish_reason "error"."""
+
+    def __init__(self, message: str, output: RequestOutput):
+        super().__init__(message)
+        self.output = output
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -91,6 +100,8 @@ class AsyncEngine:
                     finished = True  # rejected at add (bad input, id in use) or the loop died: nothing to abort
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error, item)
                 yield item
                 if finished:
                     return

@@ -34,6 +34,10 @@ class BlockPool:
         return len(self._free)
 
     @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
@@ -73,6 +77,12 @@ class BlockPool:
         block.block_hash = block_hash
         # A duplicate of an already cached block keeps the first one findable (V1's append-only block tables).
         self._cached.setdefault(block_hash, block)
+
+    def forget_cached(self) -> None:
+        """Drops every prefix-cache entry: the KV those blocks held is gone (a replaced attention worker)."""
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.executor import Executor
+from engine.executor import Executor, WorkerFailedError
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampler import TokenLogprobs
@@ -21,6 +21,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # set with finish_reason "error"
 
 
 class EngineCore:
@@ -69,7 +70,11 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self.executor.execute(sched)
+        try:
+            result = self.executor.execute(sched)
+        except WorkerFailedError as e:
+            return [EngineCoreOutput(r.request_id, finish_reason=r.status.finish_reason, error=str(e))
+                    for r in self.scheduler.fail_running()]
         self.scheduler.update_from_output(sched.scheduled, result.sampled)
         self.num_steps += 1
         outputs = []

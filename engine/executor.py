@@ -13,6 +13,11 @@ from engine.scheduler import SchedulerOutput
 from models.hf_config import TransformerConfig
 
 
+class WorkerFailedError(RuntimeError):
+    """A worker died (or failed) during a step. The executor has already replaced its workers, but the KV caches
+    they held are gone: the requests with KV end with this error, and the engine goes on."""
+
+
 class Executor(Protocol):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 

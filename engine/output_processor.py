@@ -42,6 +42,7 @@ class ParentState:
     arrival_time: float
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -94,6 +95,7 @@ class OutputProcessor:
                     stops.append((out.request_id, stop))
             if out.finish_reason is not None and child.finish_reason is None:
                 child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+            parent.error = parent.error or out.error
             updated[parent.request_id] = parent
         results = [self._request_output(p) for p in updated.values()]
         for parent in updated.values():
@@ -132,7 +134,7 @@ class OutputProcessor:
                    "token_times": [c.token_times for c in parent.children]}
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                              [c.completion() for c in parent.children], parent.prompt_logprobs, parent.finished,
-                             parent.num_cached_tokens, metrics)
+                             parent.num_cached_tokens, metrics, parent.error)
 
     def _forget(self, parent: ParentState) -> None:
         self.parents.pop(parent.request_id, None)

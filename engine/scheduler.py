@@ -178,6 +178,15 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
 
+    def fail_running(self) -> list[Request]:
+        """Ends every request that holds KV with FINISHED_ERROR and forgets the prefix cache: the attention
+        worker that held their KV was replaced. Waiting requests hold none and stay queued."""
+        failed = list(self.running)
+        for request in failed:
+            self.finish(request, RequestStatus.FINISHED_ERROR)
+        self.kv.pool.forget_cached()
+        return failed
+
     def abort(self, request_ids: list[str]) -> list[Request]:
         aborted = []
         for rid in request_ids:

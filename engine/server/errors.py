@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDeadError, RequestAbortedError
+from engine.async_engine import EngineDeadError, RequestAbortedError, RequestFailedError
 from engine.server.protocol import ErrorInfo, ErrorResponse
 
 # vLLM's (and the openai client's) names for the error classes the API returns.
@@ -83,6 +83,8 @@ def from_exception(error: BaseException) -> APIError:
         return error
     if isinstance(error, EngineDeadError):
         return engine_dead()
+    if isinstance(error, RequestFailedError):  # the engine recovered; a retry will be served
+        return APIError(f"the request failed and may be retried: {error}", 503)
     if isinstance(error, RequestAbortedError):  # only a drain that ran out of time aborts a live request
         return APIError("the server is shutting down; the request was aborted", 503)
     if isinstance(error, ValidationError):

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.server.proto.afdserve.v1 import generation_pb2 as pb
@@ -154,7 +154,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return
         except RequestError as e:
             error = e
-        except EngineDeadError as e:
+        except (EngineDeadError, RequestFailedError) as e:
             error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:  # the engine rejected the input
             error = _invalid(e, input_field=request.WhichOneof("input") or "")

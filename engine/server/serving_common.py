@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, RequestFailedError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.server.errors import APIError, from_value_error, model_not_found
@@ -110,6 +110,10 @@ async def generate_tracked(ctx: ServingContext, prompt_ids: list[int], params: S
                 yield out
     except ValueError:
         accounted = accounted or last is None
+        raise
+    except RequestFailedError as e:
+        ctx.metrics.record_finished(e.output)  # counted under finished_reason="error"
+        accounted = True
         raise
     finally:
         ctx.inflight.discard(request_id)

@@ -96,3 +96,28 @@ def wait_for(condition, timeout: float = 30, interval: float = 0.1):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (Ray's raylet and its workers, for a server running AFD), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -3,18 +3,26 @@ HTTP server are identical, for SmolLM2 and for a tiny MoE, over 1A1F, 1A2F and 2
 Each model sees every ratio and every micro-batch count once (six servers in all, to keep CI short).
 
 The requests are sent concurrently so the engine batches them: the micro-batches split real batches and both
-attention ranks of 2A1F get requests."""
+attention ranks of 2A1F get requests.
+
+Faults: an FFN worker process killed mid-stream fails the requests in flight with a 503-class error (in the stream,
+or as the status), the server stays up, every KV block comes back, and the next requests are served correctly."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import openai
 import pytest
 from openai import OpenAI
 
 from conftest import make_tiny_model
 from engine import LLM, SamplingParams
 
-from .server_process import MODEL_NAME, ServerProcess
+from .server_process import MODEL_NAME, ServerProcess, command_line, descendant_pids, metric, wait_for
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7, 7], list(range(60, 90))]
 MAX_TOKENS = 12
@@ -70,3 +78,50 @@ def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, 
     with ServerProcess(model_dir, tmp_path / "server.log", "--num-kv-blocks", "64", "--afd", afd,
                        "--micro-batches", str(micro_batches), "--afd-transport", "shm") as server:
         assert served_texts(server) == expected
+
+
+def test_killed_ffn_worker_fails_requests_in_flight_and_the_server_recovers(tiny_moe, offline_texts, tmp_path):
+    expected = offline_texts(tiny_moe)
+    with ServerProcess(tiny_moe, tmp_path / "server.log", "--num-kv-blocks", "64", "--afd", "1A1F",
+                       "--afd-transport", "shm") as server:
+        client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+        long_request = dict(model=MODEL_NAME, temperature=0, max_tokens=400, extra_body={"ignore_eos": True})
+        started, errors = threading.Barrier(3), []
+
+        def stream_until_error(prompt):
+            try:
+                stream = client.completions.create(prompt=prompt, stream=True, **long_request)
+                for i, _ in enumerate(stream):
+                    if i == 0:
+                        started.wait()
+                errors.append(None)  # finished: the kill came too late to test anything
+            except openai.APIError as e:
+                errors.append(e)
+
+        def whole_until_error(prompt):
+            try:
+                client.completions.create(prompt=prompt, **long_request)
+                errors.append(None)
+            except openai.APIStatusError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=stream_until_error, args=(p,)) for p in PROMPTS[:2]]
+        threads.append(threading.Thread(target=whole_until_error, args=(PROMPTS[2],)))
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)  # both streams have tokens; the non-streaming request is in the same batches
+        ffn = [pid for pid in descendant_pids(server.proc.pid) if command_line(pid).startswith("ray::FFNWorker")]
+        assert len(ffn) == 1
+        os.kill(ffn[0], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert len(errors) == 3 and all(e is not None for e in errors), errors
+        assert all("AFD worker failed" in str(e) for e in errors), errors
+        assert [e.status_code for e in errors if isinstance(e, openai.APIStatusError)] == [503]
+        assert httpx.get(server.url("/health")).status_code == 200
+        assert served_texts(server) == expected  # on the replacement workers
+        samples = wait_for(lambda: (m := server.metrics()) and
+                           metric(m, "afdserve:num_requests_running") == 0 and m, timeout=30)
+        assert metric(samples, "afdserve:kv_cache_usage_perc") == 0
+        assert metric(samples, "afdserve:request_success_total", finished_reason="error") == 3
+        assert server.proc.poll() is None
