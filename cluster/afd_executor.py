@@ -9,6 +9,10 @@ One Ray call per attention worker per step carries its share of the scheduler's 
 names its attention rank: engine/dp_scheduler.py); the per-layer tensors go point-to-point. Ranks on the data plane:
 attention workers 0..x-1, FFN workers x..x+y-1.
 
+Placement: Ray places the workers. On a cluster whose nodes advertise the custom resources `afd_attention` or
+`afd_ffn` (`ray start ... --resources '{"afd_ffn": 1}'`), workers of that role go only to those nodes, which is how
+attention and FFN workers land on separate machines (README, "AFD across Ray nodes").
+
 Faults: while a step runs, the FFN workers are pinged every `HEALTH_CHECK_S` (their serving loop has its own
 thread, so a live one answers at once; an attention worker's death fails its step's future directly). A dead or
 failed worker makes the step raise WorkerFailedError after every worker has been replaced: the attention workers
@@ -46,6 +50,14 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
+def _role_placement(resource: str) -> dict:
+    """Pins a role's workers to the nodes that advertise `resource`, when any does (a tiny share of it, so any
+    number of workers fits on such a node)."""
+    if any(resource in node["Resources"] for node in ray.nodes() if node["Alive"]):
+        return {"resources": {resource: 0.001}}
+    return {}
+
+
 class AFDExecutor:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
@@ -63,8 +75,8 @@ class AFDExecutor:
         par = config.parallel
         threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // (len(self.attention_ranks) +
                                                                             len(self.ffn_ranks)))
-        remote_attention = ray.remote(num_cpus=0)(AttentionWorker)
-        remote_ffn = ray.remote(num_cpus=0)(FFNWorker)
+        remote_attention = ray.remote(num_cpus=0, **_role_placement("afd_attention"))(AttentionWorker)
+        remote_ffn = ray.remote(num_cpus=0, **_role_placement("afd_ffn"))(FFNWorker)
         self.attention = [remote_attention.remote(config, model_dir, model_config, num_kv_blocks, max_model_len,
                                                   rank, threads) for rank in self.attention_ranks]
         self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index,

@@ -95,6 +95,10 @@ class AttentionWorker:
         import ray
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
     def free_port(self) -> int:
         import socket
         with socket.socket() as s:

@@ -46,6 +46,10 @@ class FFNWorker:
         self._thread = threading.Thread(target=self._serve, args=(attention_ranks,), daemon=True)
         self._thread.start()
 
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
     def ping(self) -> bool:
         """Answers while the serving thread runs (the AFD executor's health check during a step)."""
         return self._thread is not None and self._thread.is_alive()
