@@ -101,6 +101,6 @@ def _afd_lines(r: dict) -> list[str]:
     if not t:
         return []
     return [f"AFD {r['afd']} m={r['micro_batches']}, per layer and step (incl. warm-up): attention "
-            f"{t['attention_ms_per_layer']:.2f} ms, FFN {t['ffn_ms_per_layer']:.2f} ms; waiting (transfer + the "
-            f"other side) attention {t['attention_wait_ms_per_layer']:.2f} ms, FFN {t['ffn_wait_ms_per_layer']:.2f} "
+            f"{t['attention_ms_per_layer']:.2f} ms, FFN {t['ffn_ms_per_layer']:.2f} ms, transfer (in send calls) "
+            f"{t['transfer_ms_per_layer']:.2f} ms; waiting (the other side + receiving) attention {t['attention_wait_ms_per_layer']:.2f} ms, FFN {t['ffn_wait_ms_per_layer']:.2f} "
             f"ms; bubble attention {t['attention_bubble']:.0%}, FFN {t['ffn_bubble']:.0%}"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from models.hf_config import TransformerConfig
 
 logger = logging.getLogger(__name__)
 HEALTH_CHECK_S = 1.0
+STAGE_TIMES_REFRESH_S = 1.0  # how often /metrics' AFD stage times are fetched from the workers
 
 
 def init_ray(address: str | None) -> None:
@@ -68,6 +71,10 @@ class AFDExecutor:
         self.ffn_ranks = list(range(par.num_attention_workers, par.num_attention_workers + par.num_ffn_workers))
         self.num_restarts = 0
         self._shm_handles = []
+        self._latest_stage_times: dict | None = None
+        self._stage_times_pending: list | None = None
+        self._stage_times_asked = 0.0
+        self._stage_times_lock = threading.Lock()  # the engine thread refreshes, /metrics reads
         self._start_workers()
 
     def _start_workers(self) -> None:
@@ -107,6 +114,7 @@ class AFDExecutor:
         parts = [SchedulerOutput([scheduler_output.scheduled[i] for i in rank_indices],
                                  scheduler_output.finished_request_ids) for rank_indices in indices]
         results = self._wait_step([w.execute.remote(part) for w, part in zip(self.attention, parts)])
+        self._refresh_stage_times()
         if len(results) == 1:
             return results[0]
         out = ModelRunnerOutput.empty(len(scheduler_output.scheduled))
@@ -134,11 +142,31 @@ class AFDExecutor:
         self._start_workers()
 
     def _stop_workers(self) -> None:
+        with self._stage_times_lock:
+            self._stage_times_pending = None
         for actor in [*self.attention, *self.ffn]:
             ray.kill(actor)
         for handle in self._shm_handles:
             handle.close(unlink=True)
         self._shm_handles = []
+
+    def _refresh_stage_times(self, ask: bool = True) -> None:
+        """Keeps `latest_stage_times()` at most a second or so old without ever blocking: the request to the
+        workers goes out after a step, and its answer is picked up after a later step or by a reader."""
+        with self._stage_times_lock:
+            pending = self._stage_times_pending
+            if pending is not None and len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) == len(pending):
+                times = ray.get(pending)
+                self._latest_stage_times = summarize(times[0], times[len(self.attention)])
+                self._stage_times_pending = pending = None
+            if ask and pending is None and time.monotonic() - self._stage_times_asked > STAGE_TIMES_REFRESH_S:
+                self._stage_times_pending = [w.stage_times.remote() for w in [*self.attention, *self.ffn]]
+                self._stage_times_asked = time.monotonic()
+
+    def latest_stage_times(self) -> dict | None:
+        """The last fetched `stage_times()` summary (None before the first step): cheap, for /metrics."""
+        self._refresh_stage_times(ask=False)
+        return self._latest_stage_times
 
     def stage_times(self) -> dict:
         """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start (worker 0 of

@@ -10,6 +10,7 @@ this worker adds the partials up in fp32 (Step-3's "reduction module" on the att
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -49,9 +50,10 @@ class AFDModelRunner(ModelRunner):
         """Runs the step (possibly no batches: a data-parallel rank with nothing scheduled still tells the FFN
         workers so, since they serve every rank each step)."""
         model, timer = self.model, self.timer
+        send = functools.partial(timer.send, self.transport.send)
         header = encode_header(STEP, [len(b.input_ids) for b in batches])
         for ffn in self.ffn_ranks:
-            self.transport.send(header, ffn)
+            send(header, ffn)
         hidden = [model.embed_tokens(b.input_ids) for b in batches]
         residual: list[torch.Tensor | None] = [None] * len(batches)
         rope = [model.rotary.tables(b.positions, h.dtype) for b, h in zip(batches, hidden)]
@@ -62,10 +64,10 @@ class AFDModelRunner(ModelRunner):
                 ffn_input, residual[j], routing = timer.compute(layer.attn_half, hidden[j], residual[j], rope[j],
                                                                 batch.meta, self.kv_caches[index])
                 for ffn in self.ffn_ranks:
-                    self.transport.send(ffn_input, ffn)
+                    send(ffn_input, ffn)
                     if routing is not None:
-                        self.transport.send(routing.topk_ids, ffn)
-                        self.transport.send(routing.topk_weights, ffn)
+                        send(routing.topk_ids, ffn)
+                        send(routing.topk_weights, ffn)
         hidden = [self.recv_ffn_output(r) for r in residual]
         self.transport.flush()
         if batches:

@@ -89,7 +89,7 @@ class FFNWorker:
                 routing = Routing(_cat(ids), _cat(weights)) if k else None
                 out = timer.compute(layer.ffn_half, _cat(inputs), routing)
                 for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
-                    transport.send(rows, peer)
+                    timer.send(transport.send, rows, peer)
         transport.flush()
         timer.step_done(len(self.model.layers))
 

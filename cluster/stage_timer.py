@@ -1,4 +1,7 @@
-"""Where an AFD worker's time goes: computing its halves, or waiting for the other side (the pipeline bubble)."""
+"""Where an AFD worker's time goes: computing its halves, sending, or waiting for the other side (the bubble).
+
+Transfer is the time inside send calls (the message copied into the shared-memory ring, or handed to gloo's sender);
+the receive side's share of a transfer cannot be told apart from waiting for the peer, so it counts as waiting."""
 from __future__ import annotations
 
 import time
@@ -9,7 +12,8 @@ from dataclasses import asdict, dataclass
 class StageTimes:
     steps: int = 0
     layers: int = 0  # layer passes, summed over steps (one per layer per step)
-    compute_s: float = 0.0  # inside this worker's halves (and the sends that follow them)
+    compute_s: float = 0.0  # inside this worker's halves
+    send_s: float = 0.0  # inside send calls
     wait_s: float = 0.0  # blocked in recv: the other side's compute plus the transfer
 
     def as_dict(self) -> dict:
@@ -25,6 +29,12 @@ class StageTimer:
         start = self._clock()
         out = fn(*args)
         self.times.compute_s += self._clock() - start
+        return out
+
+    def send(self, fn, *args):
+        start = self._clock()
+        out = fn(*args)
+        self.times.send_s += self._clock() - start
         return out
 
     def wait(self, fn, *args):
@@ -44,13 +54,14 @@ def summarize(attention: dict, ffn: dict) -> dict:
         return 1000 * t[key] / max(t["layers"], 1)
 
     def bubble(t: dict) -> float:
-        total = t["compute_s"] + t["wait_s"]
+        total = t["compute_s"] + t["send_s"] + t["wait_s"]
         return t["wait_s"] / total if total else 0.0
 
     return {
         "steps": attention["steps"],
         "attention_ms_per_layer": per_layer_ms(attention, "compute_s"),
         "ffn_ms_per_layer": per_layer_ms(ffn, "compute_s"),
+        "transfer_ms_per_layer": per_layer_ms(attention, "send_s") + per_layer_ms(ffn, "send_s"),
         "attention_wait_ms_per_layer": per_layer_ms(attention, "wait_s"),
         "ffn_wait_ms_per_layer": per_layer_ms(ffn, "wait_s"),
         "attention_bubble": bubble(attention),

@@ -116,6 +116,10 @@ class AsyncEngine:
     def stats(self):
         return self.engine.core.stats()
 
+    def stage_times(self) -> dict | None:
+        """AFD stage times (a snapshot kept by the executor); None without AFD."""
+        return self.engine.core.executor.latest_stage_times()
+
     def shutdown(self) -> None:
         self._stopping.set()
         self._commands.put(None)

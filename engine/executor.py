@@ -21,6 +21,10 @@ class WorkerFailedError(RuntimeError):
 class Executor(Protocol):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def latest_stage_times(self) -> dict | None:
+        """AFD's per-layer attention / FFN / transfer times and bubbles (cluster/stage_timer.summarize); None for
+        executors without stages."""
+
     def shutdown(self) -> None: ...
 
 
@@ -31,6 +35,9 @@ class LocalExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
+
+    def latest_stage_times(self) -> dict | None:
+        return None
 
     def shutdown(self) -> None:
         pass

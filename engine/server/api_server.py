@@ -50,7 +50,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               model_root: str | None = None) -> FastAPI:
-    ctx = ServingContext(engine, served_model_name, ServerMetrics(served_model_name, engine.stats))
+    ctx = ServingContext(engine, served_model_name, ServerMetrics(served_model_name, engine.stats, engine.stage_times))
     completions, chat, tokenization = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
     app = FastAPI(title="afdserve", version=_afdserve_version())
     app.state.serving = ctx

@@ -4,7 +4,9 @@ Two sources:
   - per-request outcomes and latencies, recorded by the server when a request finishes or is aborted
     (from the engine's timestamps in RequestOutput.metrics: arrival, first token, every token);
   - the engine's scheduler / KV state (running, waiting, KV usage, prefix cache, preemptions), read from
-    `AsyncEngine.stats()` at scrape time by a collector, so nothing has to push it.
+    `AsyncEngine.stats()` at scrape time by a collector, so nothing has to push it;
+  - with AFD, the per-layer attention / FFN / transfer times and each side's bubble (`afd_*`), from the executor's
+    snapshot (`AsyncEngine.stage_times()`, refreshed about once a second; cumulative averages since start).
 
 Counting units: `request_success_total{finished_reason}` and the latency histograms count sequences (a request
 with n=2 counts 2, as vLLM's fanned-out child requests do); `request_aborts_total` counts requests. An aborted
@@ -34,7 +36,8 @@ PREFIX = "afdserve:"
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats]):
+    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats],
+                 stage_times: Callable[[], dict | None] = lambda: None):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         labels = ["model_name"]
@@ -63,7 +66,7 @@ class ServerMetrics:
             metric.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
-        self.registry.register(_EngineStatsCollector(model_name, engine_stats))
+        self.registry.register(_EngineStatsCollector(model_name, engine_stats, stage_times))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -106,9 +109,11 @@ class ServerMetrics:
 class _EngineStatsCollector:
     """Reads the scheduler's counters at scrape time (a few ints read across threads: a snapshot, not a lock)."""
 
-    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats]):
+    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats],
+                 stage_times: Callable[[], dict | None]):
         self.model_name = model_name
         self.engine_stats = engine_stats
+        self.stage_times = stage_times
 
     def describe(self):
         return []  # unknown until scraped; keeps the registry from calling collect() at registration
@@ -134,3 +139,14 @@ class _EngineStatsCollector:
                      stats.prefix_hits)
         yield family(CounterMetricFamily, "num_preemptions", "Preemptions (recompute) so far.",
                      stats.num_preemptions)
+        afd = self.stage_times()
+        if afd is not None:
+            for key, doc in (("attention", "AFD: attention-side compute per layer and step"),
+                             ("ffn", "AFD: FFN-side compute per layer and step"),
+                             ("transfer", "AFD: time in send calls (both sides) per layer and step")):
+                yield family(GaugeMetricFamily, f"afd_{key}_seconds_per_layer", doc + ", mean since start.",
+                             afd[f"{key}_ms_per_layer"] / 1000)
+            for side in ("attention", "ffn"):
+                yield family(GaugeMetricFamily, f"afd_{side}_bubble_ratio",
+                             f"AFD: fraction of the {side} workers' busy time spent waiting for the other side.",
+                             afd[f"{side}_bubble"])

@@ -33,6 +33,7 @@ def test_afd_1a1f_equals_local(tiny_llama, transport, micro_batches):
         times = llm.engine.core.executor.stage_times()
         assert times["steps"] == llm.engine.core.num_steps
         assert times["attention_ms_per_layer"] > 0 and times["ffn_ms_per_layer"] > 0
+        assert times["transfer_ms_per_layer"] > 0
         assert 0 <= times["attention_bubble"] < 1 and 0 <= times["ffn_bubble"] < 1
     finally:
         llm.engine.shutdown()

@@ -78,6 +78,13 @@ def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, 
     with ServerProcess(model_dir, tmp_path / "server.log", "--num-kv-blocks", "64", "--afd", afd,
                        "--micro-batches", str(micro_batches), "--afd-transport", "shm") as server:
         assert served_texts(server) == expected
+        # Per-layer stage times reach /metrics (the first snapshot is asked for after the first step).
+        samples = wait_for(lambda: (m := server.metrics()) and
+                           metric(m, "afdserve:afd_attention_seconds_per_layer") > 0 and m, timeout=10)
+        assert samples, "no AFD stage times in /metrics"
+        for name in ("ffn_seconds_per_layer", "transfer_seconds_per_layer"):
+            assert metric(samples, f"afdserve:afd_{name}") > 0, name
+        assert 0 <= metric(samples, "afdserve:afd_ffn_bubble_ratio") < 1
 
 
 def test_killed_ffn_worker_fails_requests_in_flight_and_the_server_recovers(tiny_moe, offline_texts, tmp_path):

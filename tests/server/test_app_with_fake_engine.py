@@ -34,6 +34,9 @@ class FakeEngine:
         self.max_model_len = 64
         self.engine = SimpleNamespace(model_config=SimpleNamespace(vocab_size=50))
 
+    def stage_times(self) -> None:  # no AFD
+        return None
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(num_running=0, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0,
                               prefix_hits=0)
