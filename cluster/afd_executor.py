@@ -47,8 +47,10 @@ STAGE_TIMES_REFRESH_S = 1.0  # how often /metrics' AFD stage times are fetched f
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
-    if address is None:  # a private local cluster; actors take no CPU slots so any xAyF fits on a small host
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address is None:
+        # A private local cluster ("local": never join one that `ray start` left on this host). Actors take no CPU
+        # slots, so any xAyF fits on a small host.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
 
