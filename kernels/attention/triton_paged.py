@@ -109,8 +109,9 @@ def _paged_attention_kernel(
             s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        visible = n_mask[None, :] & (offs_n[None, :] < key_limit[:, None])
-        s = tl.where(visible, s * scale_log2, float("-inf"))
+        # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
+        # test alone also masks the tile's tokens past kv_stop.
+        s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
