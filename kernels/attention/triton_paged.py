@@ -46,9 +46,9 @@ def _sum_combine(a, b):
 
 @triton.jit
 def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_d):
-    """[BLOCK_D, BLOCK_N] tile (transposed: head dim first) of one K or V head at the given tokens."""
-    ptrs = (base_ptr + block_ids[None, :] * stride_blk + token_offsets[None, :] * stride_tok
-            + offs_d[:, None] * stride_d)
+    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements)."""
+    ptrs = (base_ptr + block_ids[:, None] * stride_blk + token_offsets[:, None] * stride_tok
+            + offs_d[None, :] * stride_d)
     return tl.load(ptrs, mask=tile_mask, other=0.0)
 
 
@@ -95,20 +95,20 @@ def _paged_attention_kernel(
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
-    k_base = kv_ptr + kv_head * stride_kvh
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
     v_base = k_base + stride_kv
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(kv_start, kv_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_stop
         block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        tile_mask = d_mask[:, None] & n_mask[None, :]
-        kt = _load_kv_tile(k_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
-        vt = _load_kv_tile(v_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
+        tile_mask = n_mask[:, None] & d_mask[None, :]
+        k = _load_kv_tile(k_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
+        v = _load_kv_tile(v_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
         if DOT_FP32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            s = tl.dot(q, kt)
+            s = tl.dot(q, tl.trans(k))
         # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
         # test alone also masks the tile's tokens past kv_stop.
         s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
@@ -117,9 +117,9 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         if DOT_FP32:
-            pv = tl.dot(p, tl.trans(vt).to(tl.float32), input_precision="ieee")
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            pv = tl.dot(p.to(vt.dtype), tl.trans(vt))
+            pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 

@@ -36,7 +36,6 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved_interpret
 
-from conftest import make_tiny_model  # noqa: E402
 from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
 from kernels.attention.torch_paged import decode_attention, prefill_attention  # noqa: E402
 
@@ -177,6 +176,7 @@ def test_select_attention_backend(monkeypatch):
 def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path):
     """Prompts of 1, 7 and 40 tokens with 16-token steps: prefill chunks with and without a cached prefix, decodes,
     and steps that mix both, through ModelRunner's real metadata."""
+    from conftest import make_tiny_model  # tests/conftest.py needs gguf; the GPU check runs this file without it
     from engine import LLM, SamplingParams
 
     make_tiny_model(tmp_path, "llama")
