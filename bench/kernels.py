@@ -44,6 +44,7 @@ class KernelBenchSpec:
     groups: tuple[int, ...] = (4, 8)  # query heads per KV head
     block_size: int = 16
     dtype: str = "bfloat16"
+    backends: tuple[str, ...] = ("torch", "triton")  # triton runs on CUDA only
     repeats: int = 5
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
@@ -51,6 +52,8 @@ class KernelBenchSpec:
     def __post_init__(self) -> None:
         if not set(self.kernels) <= {"decode", "prefill"}:
             raise ValueError(f"kernels must be among decode, prefill; got {self.kernels}")
+        if not set(self.backends) <= {"torch", "triton"}:
+            raise ValueError(f"backends must be among torch, triton; got {self.backends}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if min(self.batch, self.context, self.chunk, self.kv_heads, self.head_dim, self.repeats, *self.groups) < 1:
@@ -85,24 +88,27 @@ def paged_inputs(spec: KernelBenchSpec, group: int, device: torch.device) -> dic
 
 
 def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch.device
-                 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """backend name -> a call of that backend's kernel(s) on the inputs."""
+                 ) -> dict[str, Callable[[], object]]:
+    """backend name -> a call of that backend's kernel(s) on the inputs, for the spec's backends that can run here."""
     kv, tables, seq_lens = inputs["kv"], inputs["tables"], inputs["seq_lens"]
     scale = spec.head_dim ** -0.5
+    calls = {}
     if kernel == "decode":
         q = inputs["q_decode"]
-        pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
-        bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
-        calls = {"torch": lambda: decode_attention(q, kv, tables, bias, scale)}
-        if device.type == "cuda":
+        if "torch" in spec.backends:
+            pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
+            bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
+            calls["torch"] = lambda: decode_attention(q, kv, tables, bias, scale)
+        if "triton" in spec.backends and device.type == "cuda":
             from kernels.attention.triton_paged import paged_decode
             calls["triton"] = lambda: paged_decode(q, kv, tables, seq_lens, scale)
         return calls
     q = inputs["q_prefill"]
     chunks = q.view(spec.batch, spec.chunk, *q.shape[1:])
-    calls = {"torch": lambda: [prefill_attention(chunks[s], kv, tables[s], spec.context, scale)
-                               for s in range(spec.batch)]}
-    if device.type == "cuda":
+    if "torch" in spec.backends:
+        calls["torch"] = lambda: [prefill_attention(chunks[s], kv, tables[s], spec.context, scale)
+                                  for s in range(spec.batch)]
+    if "triton" in spec.backends and device.type == "cuda":
         from kernels.attention.triton_paged import paged_attention
         starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
         calls["triton"] = lambda: paged_attention(q, kv, tables, seq_lens, starts, spec.chunk, scale)

@@ -77,7 +77,8 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     from bench.kernels import KernelBenchSpec, format_kernel_result, run_kernel_bench
 
     spec = KernelBenchSpec(tuple(args.kernels), args.batch, args.context, args.chunk, args.kv_heads, args.head_dim,
-                           tuple(args.groups), args.block_size, args.kernel_dtype, args.repeats, args.device)
+                           tuple(args.groups), args.block_size, args.kernel_dtype, tuple(args.backends), args.repeats,
+                           args.device)
     result = run_kernel_bench(spec, args.peak_gbps)
     print(format_kernel_result(result))
     _write_json(args.json, result)
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="query heads per KV head (GQA ratios)")
     kn.add_argument("--block-size", type=int, default=16)
     kn.add_argument("--kernel-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    kn.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                    help="triton runs on CUDA only")
     kn.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")
     kn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     kn.add_argument("--peak-gbps", type=float, default=None, help="peak HBM GB/s; default: looked up by device name")

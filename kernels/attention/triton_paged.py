@@ -201,9 +201,13 @@ def num_kv_splits(num_programs: int, num_key_tiles: int, num_sms: int, max_split
     return next(s for s in range(1, limit + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
 
 
-def _sm_count(device: torch.device) -> int:
+def decode_num_splits(num_seqs: int, kv_cache: torch.Tensor, block_tables: torch.Tensor, block_n: int) -> int:
+    """num_kv_splits for a decode batch, block_tables' width standing for the longest sequence (no host sync)."""
+    key_tiles = triton.cdiv(block_tables.shape[1] * kv_cache.shape[3], block_n)
     # The interpreter runs programs one after another: splitting keys never pays off there.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    device = kv_cache.device
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return num_kv_splits(num_seqs * kv_cache.shape[1], key_tiles, num_sms)
 
 
 def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -270,8 +274,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_seqs, num_heads, head_dim = q.shape
     cfg = config or decode_config(num_heads // max(1, kv_cache.shape[1]), head_dim)
     if num_splits is None:
-        key_tiles = triton.cdiv(block_tables.shape[1] * kv_cache.shape[3], cfg.block_n)
-        num_splits = num_kv_splits(num_seqs * kv_cache.shape[1], key_tiles, _sm_count(q.device))
+        num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
     return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, 1, scale,
                            num_splits=num_splits, out=out, config=cfg)
