@@ -23,7 +23,8 @@ _REGISTRY: dict[str, ModelFactory] = {
     "MixtralForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, mixtral_moe_config(cfg), a),
     "Qwen2MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(
         cfg, LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)), n, qwen_moe_config(cfg), a),
-    "Qwen3MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, qwen_moe_config(cfg), a),
+    "Qwen3MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n,
+                                                              qwen_moe_config(cfg), a),
     # DeepSeekMoE (deepseek-moe-16b): MHA + DeepSeekMoE FFN; its config may carry DeepSeek-V2/V3 gating fields.
     "DeepseekForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg), a),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.

@@ -72,15 +72,16 @@ def _paged_attention_kernel(
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # int32 key positions and loop bounds, long or int input
 
     offs_m = tl.arange(0, BLOCK_M)
     tok = q_tile * BLOCK_Q + offs_m // GROUP  # query index within the chunk
     head = kv_head * GROUP + offs_m % GROUP
     row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    row = (q_start + tok).to(tl.int64)  # row of q / out in the flat batch
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -125,7 +126,6 @@ def _paged_attention_kernel(
 
     has_keys = l_i > 0.0  # false for padding rows and for an empty split
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    row = (q_start + tok).to(tl.int64)
     store_mask = row_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -272,7 +272,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     """One query token per sequence, q [B, heads, hd], split-K over its keys; num_splits None: chosen from the
     SM count (num_kv_splits) with block_tables' width as the longest sequence."""
     num_seqs, num_heads, head_dim = q.shape
-    cfg = config or decode_config(num_heads // max(1, kv_cache.shape[1]), head_dim)
+    cfg = config or decode_config(num_heads // kv_cache.shape[1], head_dim)
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
