@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.llm import engine_config
+from kernels.attention import ATTENTION_BACKENDS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--cache-dir", type=Path, default=None, help="default: $AFDSERVE_CACHE or ~/.cache/afdserve")
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="auto: Triton kernels on CUDA, torch on CPU")
     a = parser.add_argument_group("attention-FFN disaggregation")
     a.add_argument("--afd", default=None, metavar="xAyF", help="run x attention and y FFN workers on Ray, e.g. 1A1F")
     a.add_argument("--micro-batches", type=int, default=2)
@@ -36,4 +39,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir, afd=args.afd,
         micro_batches=args.micro_batches, ray_address=args.ray_address, afd_transport=args.afd_transport,
-        threads_per_worker=args.threads_per_worker)
+        threads_per_worker=args.threads_per_worker, attention_backend=args.attention_backend)

@@ -73,6 +73,18 @@ def _bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from bench.kernels import KernelBenchSpec, format_kernel_result, run_kernel_bench
+
+    spec = KernelBenchSpec(tuple(args.kernels), args.batch, args.context, args.chunk, args.kv_heads, args.head_dim,
+                           tuple(args.groups), args.block_size, args.kernel_dtype, tuple(args.backends), args.repeats,
+                           args.device)
+    result = run_kernel_bench(spec, args.peak_gbps)
+    print(format_kernel_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server.api_server import run_server
     return run_server(args)
@@ -143,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--repeats", type=int, default=5)
     moe.add_argument("--json", default=None)
     moe.set_defaults(func=_bench_moe)
+    kn = bench_sub.add_parser("kernels", help="paged attention kernels: GB/s and %% of peak HBM (Triton on CUDA only)")
+    kn.add_argument("--kernels", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    kn.add_argument("--batch", type=int, default=8)
+    kn.add_argument("--context", type=int, default=1024, help="cached tokens per sequence (queries included)")
+    kn.add_argument("--chunk", type=int, default=128, help="prefill: new tokens per sequence")
+    kn.add_argument("--kv-heads", type=int, default=8)
+    kn.add_argument("--head-dim", type=int, default=128)
+    kn.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="query heads per KV head (GQA ratios)")
+    kn.add_argument("--block-size", type=int, default=16)
+    kn.add_argument("--kernel-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    kn.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                    help="triton runs on CUDA only")
+    kn.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")
+    kn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    kn.add_argument("--peak-gbps", type=float, default=None, help="peak HBM GB/s; default: looked up by device name")
+    kn.add_argument("--json", default=None)
+    kn.set_defaults(func=_bench_kernels)
     return parser
 
 

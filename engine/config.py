@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels.attention import ATTENTION_BACKENDS
+
 
 @dataclass
 class ModelConfig:
@@ -12,10 +14,14 @@ class ModelConfig:
     max_model_len: int | None = None  # default: the model's context length
     seed: int = 0  # for requests without a seed of their own
     cache_dir: Path | None = None  # where imported GGUF models live; None: $AFDSERVE_CACHE or ~/.cache/afdserve
+    attention_backend: str = "auto"  # auto (Triton on CUDA, torch on CPU), torch, or triton
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -13,7 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
 from engine.scheduler import ScheduledRequest, SchedulerOutput
-from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape
+from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
 from models.hf_config import TransformerConfig, resolve_dtype
 from models.loader import load_model
 
@@ -52,9 +52,10 @@ class ModelRunner:
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, model_config)
-        self.model = load_model(model_dir, model_config, self.dtype, max_model_len)
         shape = kv_cache_shape(num_kv_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype) for _ in range(model_config.num_layers)]
+        attention = select_attention_backend(config.model.attention_backend, self.kv_caches[0].device)
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention)
         self.sampler = Sampler()
         self.default_generator = torch.Generator().manual_seed(config.model.seed)
         self.generators: dict[str, torch.Generator] = {}
@@ -112,6 +113,7 @@ class ModelRunner:
                                              dtype=torch.long).view(len(decode_tables), max_blocks),
             decode_mask_bias=torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1),
             prefills=prefills,
+            decode_seq_lens=seq_lens,
         )
         return FlatBatch(order, torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta,
                          logits_rows, wants_prompt)

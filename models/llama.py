@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import AttentionMetadata, TorchPagedAttention
+from kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from models.hf_config import TransformerConfig
 from kernels.cpu_linear import can_prepack, linear, prepack
 from models.layers.linear import Linear
@@ -36,7 +36,7 @@ class LlamaVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -47,7 +47,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and not variant.qkv_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if variant.qk_norm else None
-        self.attn = TorchPagedAttention()
+        self.attn = attention
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -63,10 +63,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, moe: MoEConfig | None = None):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend,
+                 moe: MoEConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, variant)
+        self.self_attn = LlamaAttention(cfg, variant, attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if moe is None:
             self.router = None
@@ -111,13 +112,15 @@ class LlamaForCausalLM(nn.Module):
     fp32_params: tuple[str, ...] = ()
 
     def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int,
-                 moe: MoEConfig | None = None):
+                 moe: MoEConfig | None = None, attention: AttentionBackend | None = None):
+        """attention: the backend every layer calls (kernels/attention.select_attention_backend); None: torch."""
         super().__init__()
         self.config = cfg
         self.moe_config = moe
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        attention = attention or TorchPagedAttention()
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, variant, None if moe is None else moe.for_layer(i))
+            LlamaDecoderLayer(cfg, variant, attention, None if moe is None else moe.for_layer(i))
             for i in range(cfg.num_layers))
         if moe is not None:
             self.param_renames = [*moe.hf_renames, ("mlp.gate.weight", "router.gate.weight")]

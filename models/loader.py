@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from kernels.attention import AttentionBackend
 from models.hf_config import TransformerConfig
 from models.registry import build_model
 
@@ -117,8 +118,10 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
         raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
 
-def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int) -> nn.Module:
-    model = build_model(cfg, max_positions)
+def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int,
+               attention: AttentionBackend | None = None) -> nn.Module:
+    """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference."""
+    model = build_model(cfg, max_positions, attention)
     load_weights(model, iter_safetensors(model_dir))
     cast_model(model, dtype)
     model.eval().prepare_for_inference()

@@ -5,27 +5,30 @@ from typing import Callable
 
 from torch import nn
 
+from kernels.attention import AttentionBackend
 from models.hf_config import TransformerConfig
 from models.llama import LlamaForCausalLM, LlamaVariant
 from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from models.prmoe import prmoe_moe_config
 
-ModelFactory = Callable[[TransformerConfig, int], nn.Module]
+# (config, max positions, attention backend or None for the torch reference) -> model
+ModelFactory = Callable[[TransformerConfig, int, AttentionBackend | None], nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {
-    "LlamaForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n),
-    "MistralForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n),
-    "Qwen2ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=True), n),
-    "Qwen3ForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n),
+    "LlamaForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, attention=a),
+    "MistralForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, attention=a),
+    "Qwen2ForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=True), n, attention=a),
+    "Qwen3ForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, attention=a),
     # MoE: Llama-family attention, MoE FFN (models/moe_config.py reads each family's fields).
-    "MixtralForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, mixtral_moe_config(cfg)),
-    "Qwen2MoeForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)),
-                                                           n, qwen_moe_config(cfg)),
-    "Qwen3MoeForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, qwen_moe_config(cfg)),
+    "MixtralForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, mixtral_moe_config(cfg), a),
+    "Qwen2MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(
+        cfg, LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)), n, qwen_moe_config(cfg), a),
+    "Qwen3MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n,
+                                                              qwen_moe_config(cfg), a),
     # DeepSeekMoE (deepseek-moe-16b): MHA + DeepSeekMoE FFN; its config may carry DeepSeek-V2/V3 gating fields.
-    "DeepseekForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg)),
+    "DeepseekForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg), a),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
-    "PRMoEForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg)),
+    "PRMoEForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg), a),
 }
 
 
@@ -33,10 +36,10 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(cfg: TransformerConfig, max_positions: int) -> nn.Module:
+def build_model(cfg: TransformerConfig, max_positions: int, attention: AttentionBackend | None = None) -> nn.Module:
     try:
         factory = _REGISTRY[cfg.architecture]
     except KeyError:
         raise ValueError(f"unsupported architecture {cfg.architecture!r}; supported: "
                          f"{', '.join(supported_architectures())}") from None
-    return factory(cfg, max_positions)
+    return factory(cfg, max_positions, attention)

@@ -2,11 +2,16 @@
 
 The model runner orders each step's sequences decodes first, so tokens [0, num_decodes) are one-token decodes and
 the rest are prefill chunks. Built once per step and shared by every layer; the Python ints in `prefills` keep the
-per-layer loop free of host syncs.
+per-layer loop free of host syncs. The torch backend reads `decode_block_tables`/`decode_mask_bias` and `prefills`;
+the Triton backend reads `decode_seq_lens` and `prefill_batch`, the prefills as one varlen batch, built on first use
+so that the torch path never pays for it.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +24,14 @@ class PrefillSeq:
     block_ids: torch.Tensor  # [ceil(seq_len / block_size)] long
 
 
+class PrefillBatch(NamedTuple):
+    """The step's prefill chunks as one varlen batch (rows counted from the first prefill row)."""
+    query_start_loc: torch.Tensor  # [P + 1] int32: chunk p is rows query_start_loc[p]:query_start_loc[p + 1]
+    seq_lens: torch.Tensor  # [P] int32: tokens with KV after this step
+    block_tables: torch.Tensor  # [P, max_blocks] long, padded with 0
+    max_query_len: int
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: block_id * block_size + offset for each new token
@@ -27,3 +40,14 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long, padded with 0
     decode_mask_bias: torch.Tensor  # [num_decodes, 1, max_blocks * block_size] float: 0, or -inf past seq_len
     prefills: list[PrefillSeq] = field(default_factory=list)
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: tokens with KV after this step
+
+    @functools.cached_property
+    def prefill_batch(self) -> PrefillBatch:
+        # Prefill chunks follow one another after the decodes, so the row offsets are the running chunk sizes.
+        return PrefillBatch(
+            query_start_loc=torch.tensor([0, *itertools.accumulate(p.num_tokens for p in self.prefills)],
+                                         dtype=torch.int32),
+            seq_lens=torch.tensor([p.seq_len for p in self.prefills], dtype=torch.int32),
+            block_tables=torch.nn.utils.rnn.pad_sequence([p.block_ids for p in self.prefills], batch_first=True),
+            max_query_len=max(p.num_tokens for p in self.prefills))

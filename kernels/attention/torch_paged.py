@@ -58,8 +58,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # Query i sits at position seq_len - n + i and sees keys up to and including it.
-        q_pos = torch.arange(seq_len - n, seq_len)[:, None]
-        mask = torch.arange(seq_len)[None, :] <= q_pos
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)
 

@@ -1,0 +1,149 @@
+"""Paged attention kernel check on one CUDA GPU (H100 / H200): the Triton kernels (kernels/attention/triton_paged.py)
+for correctness, then their bandwidth at the target decode shape of ../shared/specs/attention.md §7.5:
+32K context, batch 64, 8 KV heads, head_dim 128, GQA 4 and 8, bf16, block size 16.
+
+    python -m bench.gpu.attention_kernel_check [--out results.json] [--skip-tests] [--no-sweep]
+
+1. tests/kernels/test_triton_attention.py under pytest, compiled on the GPU (--noconftest: tests/conftest.py imports
+   gguf, which the GPU image lacks; this file needs nothing from it, and its engine test skips itself on CUDA).
+2. Agreement with the torch backend at sizes the tests cannot reach under the interpreter, on the GPU, bf16:
+   decode at batch 8 x 8K (GQA 4, 8), batch 2 x 32K (the split heuristic picks several splits), prefill chunks
+   of 512 after a 3.5K prefix. Max |triton - torch| must stay within 2e-2 (outputs are O(0.1)).
+3. Timings through bench/kernels.run_kernel_bench (do_bench medians, L2 cleared per call): the Triton decode at the
+   target shape, and both backends at batch 8 x 8K for decode and for prefill (the torch backend's GQA decode may
+   copy K/V once per query head, too much memory at the target shape).
+4. Unless --no-sweep: a few decode tile configs (BLOCK_N x warps x stages) at the target shape, best reported, as a
+   starting point for tuning decode_config.
+The peak HBM bandwidth comes from the device name (bench/kernels.HBM_PEAKS: H100 SXM 3350 GB/s, H200 4800 GB/s);
+--peak-gbps overrides it. Runs in about 3 minutes on an H100 (budget: 8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.kernels import KernelBenchSpec, format_kernel_result, paged_inputs, run_kernel_bench, time_call, traffic
+from kernels.attention.torch_paged import decode_attention, prefill_attention
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = KernelBenchSpec(kernels=("decode",), batch=64, context=32768, kv_heads=8, head_dim=128, groups=(4, 8),
+                         block_size=16, dtype="bfloat16", backends=("triton",), device="cuda")
+COMPARE = replace(TARGET, kernels=("decode", "prefill"), batch=8, context=8192, chunk=512,
+                  backends=("torch", "triton"))
+DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192), 4), (replace(TARGET, batch=8, context=8192), 8),
+                 (replace(TARGET, batch=2), 8)]  # batch 2 x 32K: 16 programs, so several splits
+PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512), g) for g in (4, 8)]
+SWEEP = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 3)]  # BLOCK_N, warps, stages
+
+
+def run_kernel_tests() -> bool:
+    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
+           "tests/kernels/test_triton_attention.py"]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=REPO).returncode == 0
+
+
+def _agree(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 2e-2) -> bool:
+    err = (out.float() - ref.float()).abs().max().item()
+    ok = bool(torch.isfinite(out).all()) and err <= tol
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: max |triton - torch| = {err:.3e} (max |torch| "
+          f"{ref.float().abs().max().item():.3e})", flush=True)
+    return ok
+
+
+def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
+    """Triton decode (default config and split count) against the torch backend on the same device."""
+    from kernels.attention.triton_paged import decode_config, decode_num_splits, paged_decode
+    inp = paged_inputs(spec, group, device)
+    kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_decode"]
+    scale = spec.head_dim ** -0.5
+    pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
+    bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
+    splits = decode_num_splits(spec.batch, kv, tables, decode_config(group, spec.head_dim).block_n)
+    return _agree(f"decode batch {spec.batch} x {spec.context} GQA {group} ({splits} splits)",
+                  paged_decode(q, kv, tables, seq_lens, scale), decode_attention(q, kv, tables, bias, scale))
+
+
+def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
+    """Triton varlen prefill (chunks of spec.chunk after the rest of spec.context) against the torch backend."""
+    from kernels.attention.triton_paged import paged_attention
+    inp = paged_inputs(spec, group, device)
+    kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_prefill"]
+    scale = spec.head_dim ** -0.5
+    starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
+    out = paged_attention(q, kv, tables, seq_lens, starts, spec.chunk, scale)
+    rows = [slice(s * spec.chunk, (s + 1) * spec.chunk) for s in range(spec.batch)]
+    ref = torch.cat([prefill_attention(q[r], kv, tables[s], spec.context, scale) for s, r in enumerate(rows)])
+    return _agree(f"prefill batch {spec.batch} x chunk {spec.chunk} after {spec.context - spec.chunk} cached, "
+                  f"GQA {group}", out, ref)
+
+
+def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], device: torch.device,
+                 peak_gbps: float | None) -> list[dict]:
+    """Triton decode time per (group, BLOCK_N, warps, stages); BLOCK_M stays decode_config's."""
+    from kernels.attention.triton_paged import AttentionKernelConfig, decode_config, paged_decode
+    rows = []
+    for group in spec.groups:
+        inp = paged_inputs(spec, group, device)
+        nbytes, _ = traffic("decode", spec, group)
+        block_m = decode_config(group, spec.head_dim).block_m
+        for block_n, warps, stages in configs:
+            cfg = AttentionKernelConfig(block_m, block_n, warps, stages)
+            ms = time_call(lambda c=cfg: paged_decode(inp["q_decode"], inp["kv"], inp["tables"], inp["seq_lens"],
+                                                      spec.head_dim ** -0.5, config=c), device, spec.repeats)
+            gbps = nbytes / ms / 1e6
+            rows.append(dict(group=group, config=list(cfg), ms=ms, gbps=gbps,
+                             peak_fraction=gbps / peak_gbps if peak_gbps else None))
+            pct = f"{100 * gbps / peak_gbps:.1f}%" if peak_gbps else "-"
+            print(f"sweep GQA {group} BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}: "
+                  f"{ms:.3f} ms {gbps:.0f} GB/s {pct}", flush=True)
+        del inp
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--peak-gbps", type=float, default=None)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    import triton
+    name = torch.cuda.get_device_name()
+    print(name, "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    start = time.perf_counter()
+    device = torch.device("cuda")
+    tests_ok = args.skip_tests or run_kernel_tests()
+    large_ok = all([check_decode(spec, g, device) for spec, g in DECODE_CHECKS]
+                   + [check_prefill(spec, g, device) for spec, g in PREFILL_CHECKS])
+    print(f"correctness done after {time.perf_counter() - start:.0f} s", flush=True)
+    target = run_kernel_bench(TARGET, args.peak_gbps)
+    print(format_kernel_result(target), flush=True)
+    compare = run_kernel_bench(COMPARE, args.peak_gbps)
+    print(format_kernel_result(compare), flush=True)
+    peak = target["peak"]["gbps"] if target["peak"] else None
+    sweep = [] if args.no_sweep else sweep_decode(TARGET, SWEEP, device, peak)
+    for group in sorted({r["group"] for r in sweep}):
+        best = max((r for r in sweep if r["group"] == group), key=lambda r: r["gbps"])
+        print(f"best decode config GQA {group}: {best['config']} {best['gbps']:.0f} GB/s", flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, tests_ok=tests_ok,
+                           large_shapes_ok=large_ok, peak=target["peak"], target=target, compare=compare,
+                           sweep=sweep), f, indent=1)
+    return 0 if tests_ok and large_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Paged attention in Triton (the CUDA backend; tested on CPU under TRITON_INTERPRET). Same contract as torch_paged.py.
+
+One kernel serves decodes and prefill chunks: a sequence contributes a chunk of n >= 1 new queries, query i sitting
+at position seq_len - n + i and seeing the keys at positions <= its own (a decode is the chunk n = 1).
+
+    program (sequence s, query tile j, KV head h [x split]):
+        rows   BLOCK_M = BLOCK_Q query tokens x G query heads of KV head h (row r: token j*BLOCK_Q + r // G,
+               head h*G + r % G), padded to >= 16 for tl.dot and masked: a K/V tile is loaded once per KV head
+               and serves all G heads of its group (GQA/MQA packing, ../shared/specs/attention.md §7.3).
+        keys   tokens [0, kv_end) of s, BLOCK_N per tile, token t read at (block_tables[s, t // P], t % P);
+               online softmax in base 2 (scores * scale * log2 e), fp32 accumulators.
+        split  with NUM_SPLITS > 1 (FlashDecoding, §7.2) the program takes its 1/NUM_SPLITS of [0, kv_end) and
+               writes (o_split normalized by its own sum, lse_split) in fp32; _merge_splits_kernel then takes
+               o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s (empty splits: lse = -inf).
+               With one split the program writes the output directly.
+
+K/V tiles are loaded by _load_kv_tile, the one place a quantized cache would dequantize in registers (§7.4).
+fp32 inputs multiply in IEEE fp32 (no TF32). Under TRITON_INTERPRET the dot operands are upcast to fp32, because the
+interpreter multiplies bf16 as raw bits (see kernels/moe/triton_moe.py), and reductions use tl.reduce with our own
+combine functions: the standard library's @jit helpers (tl.max, tl.sum, tl.zeros, tl.cdiv) run under the interpreter
+only if triton itself was imported with TRITON_INTERPRET set.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention.metadata import AttentionMetadata
+from kernels.attention.torch_paged import write_kv
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_d):
+    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements)."""
+    ptrs = (base_ptr + block_ids[:, None] * stride_blk + token_offsets[:, None] * stride_tok
+            + offs_d[None, :] * stride_d)
+    return tl.load(ptrs, mask=tile_mask, other=0.0)
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+        scale_log2,
+        stride_qt, stride_qh, stride_qd,
+        stride_kv, stride_kvh, stride_blk, stride_tok, stride_kd,
+        stride_ot, stride_oh, stride_od,
+        stride_bt,
+        stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # int32 key positions and loop bounds, long or int input
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + offs_m // GROUP  # query index within the chunk
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    row = (q_start + tok).to(tl.int64)  # row of q / out in the flat batch
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    key_limit = seq_len - q_len + tok + 1  # [BLOCK_M]: row sees keys < key_limit (causal)
+    last_tok = tl.minimum((q_tile + 1) * BLOCK_Q, q_len)
+    kv_end = seq_len - q_len + last_tok
+    per_split = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    kv_start = split * per_split
+    kv_stop = tl.minimum(kv_end, kv_start + per_split)
+
+    # Finite start for the running max: a row with every key masked in a tile keeps alpha = 1 and p = 0, no NaN.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+    v_base = k_base + stride_kv
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(kv_start, kv_stop, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_stop
+        block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        tile_mask = n_mask[:, None] & d_mask[None, :]
+        k = _load_kv_tile(k_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
+        v = _load_kv_tile(v_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
+        # test alone also masks the tile's tokens past kv_stop.
+        s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if DOT_FP32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_keys = l_i > 0.0  # false for padding rows and for an empty split
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    store_mask = row_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Natural-log LSE of the scaled logits, as the spec's LSE merge (and any other producer of partials) uses.
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        part = row * stride_pt + head * stride_ph + split * stride_ps
+        tl.store(part_out_ptr + part[:, None] + offs_d[None, :], o, mask=store_mask)
+        tl.store(part_lse_ptr + row * stride_lt + head * stride_lh + split, lse, mask=row_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr,
+                         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh, stride_od,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (query row, head): o = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse)."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row * stride_lt + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    weight = tl.exp(lse - tl.reduce(lse, 0, _max_combine))  # split 0 is never empty, so the max is finite
+    o = tl.load(part_out_ptr + row * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    merged = tl.reduce(o * weight[:, None], 0, _sum_combine) / tl.reduce(weight, 0, _sum_combine)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d * stride_od, merged.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ---- launch ----------------------------------------------------------------------------------------------------
+
+
+class AttentionKernelConfig(NamedTuple):
+    block_m: int  # rows per program: query tokens x the G heads of one KV head, >= 16 (tl.dot) and >= G
+    block_n: int  # key tokens per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def decode_config(group: int, head_dim: int) -> AttentionKernelConfig:
+    """One query token: rows = the G heads (padded to 16); untuned beyond SGLang's grouped-decode shape (§7.3)."""
+    block_m = max(16, triton.next_power_of_2(group))
+    wide = block_m * triton.next_power_of_2(head_dim) > 16 * 128  # fp32 accumulator past 16 x 128: more warps
+    return AttentionKernelConfig(block_m, 32 if wide else 64, num_warps=8 if wide else 4)
+
+
+def prefill_config(group: int, head_dim: int) -> AttentionKernelConfig:
+    block_m = max(64, triton.next_power_of_2(group))
+    wide = block_m * triton.next_power_of_2(head_dim) > 64 * 128
+    return AttentionKernelConfig(block_m, 32 if wide else 64, num_warps=8 if wide else 4)
+
+
+def num_kv_splits(num_programs: int, num_key_tiles: int, num_sms: int, max_splits: int = 128) -> int:
+    """FlashAttention-2's split heuristic (spec §7.2): no split when the programs nearly fill the SMs; otherwise the
+    fewest splits whose wave efficiency is within 85% of the best, counting only split counts that change the
+    tiles per split."""
+    if num_programs >= 0.8 * num_sms:
+        return 1
+    limit = max(1, min(max_splits, num_sms, num_key_tiles))
+
+    def eligible(s: int) -> bool:
+        return s == 1 or -(-num_key_tiles // s) != -(-num_key_tiles // (s - 1))
+
+    def efficiency(s: int) -> float:
+        waves = num_programs * s / num_sms
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, limit + 1) if eligible(s))
+    return next(s for s in range(1, limit + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
+
+
+def decode_num_splits(num_seqs: int, kv_cache: torch.Tensor, block_tables: torch.Tensor, block_n: int) -> int:
+    """num_kv_splits for a decode batch, block_tables' width standing for the longest sequence (no host sync)."""
+    key_tiles = triton.cdiv(block_tables.shape[1] * kv_cache.shape[3], block_n)
+    # The interpreter runs programs one after another: splitting keys never pays off there.
+    device = kv_cache.device
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return num_kv_splits(num_seqs * kv_cache.shape[1], key_tiles, num_sms)
+
+
+def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  query_start_loc: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, kv_heads, num_blocks, block_size, head_dim], "
+                         f"got shape {tuple(kv_cache.shape)}")
+    if q.shape[2] != kv_cache.shape[4]:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from the kv_cache head_dim {kv_cache.shape[4]}")
+    if q.shape[1] % kv_cache.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({kv_cache.shape[1]})")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the kv_cache dtype {kv_cache.dtype}")
+    num_seqs = block_tables.shape[0]
+    if block_tables.dim() != 2 or seq_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"need block_tables [seqs, max_blocks], seq_lens [seqs] and query_start_loc [seqs + 1]; got "
+                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}")
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, max_query_len: int, scale: float, *, num_splits: int = 1,
+                    out: torch.Tensor | None = None, config: AttentionKernelConfig | None = None) -> torch.Tensor:
+    """Each sequence s's new queries q[query_start_loc[s]:query_start_loc[s + 1]] ([T, heads, hd] overall) attend
+    causally over its seq_lens[s] cached tokens (which include them) through block_tables[s]; returns [T, heads, hd]
+    (written into `out` when given). max_query_len: the longest chunk, a host int so that nothing syncs."""
+    _check_inputs(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads, page = kv_cache.shape[1], kv_cache.shape[3]
+    group = num_heads // kv_heads
+    cfg = config or (decode_config if max_query_len == 1 else prefill_config)(group, head_dim)
+    if cfg.block_m < max(16, group):
+        raise ValueError(f"block_m {cfg.block_m} must be >= 16 and >= the query group {group}")
+    block_q = cfg.block_m // group
+    out = torch.empty_like(q) if out is None else out
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    grid = (block_tables.shape[0], triton.cdiv(max_query_len, block_q), kv_heads * num_splits)
+    _paged_attention_kernel[grid](
+        q, kv_cache, out, part_out, part_lse, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
+        *q.stride(), *kv_cache.stride(), *out.stride(), block_tables.stride(0),
+        *part_out.stride()[:3], *part_lse.stride()[:2],
+        GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_SPLITS=num_splits,
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, *part_out.stride()[:3], *part_lse.stride()[:2], *out.stride(),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim))
+    return out
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, *, num_splits: int | None = None, out: torch.Tensor | None = None,
+                 config: AttentionKernelConfig | None = None) -> torch.Tensor:
+    """One query token per sequence, q [B, heads, hd], split-K over its keys; num_splits None: chosen from the
+    SM count (num_kv_splits) with block_tables' width as the longest sequence."""
+    num_seqs, num_heads, head_dim = q.shape
+    cfg = config or decode_config(num_heads // kv_cache.shape[1], head_dim)
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
+    query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
+    return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, 1, scale,
+                           num_splits=num_splits, out=out, config=cfg)
+
+
+class TritonPagedAttention:
+    """The attention backend interface on the Triton kernels (same call as TorchPagedAttention)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)  # all K/V first, as in TorchPagedAttention
+        nd, device = meta.num_decodes, q.device
+        out = torch.empty(q.shape, dtype=q.dtype, device=device)
+        if nd:
+            if meta.decode_seq_lens is None:
+                raise ValueError("the Triton backend needs AttentionMetadata.decode_seq_lens")
+            paged_decode(q[:nd], kv_cache, meta.decode_block_tables.to(device), meta.decode_seq_lens.to(device),
+                         scale, out=out[:nd])
+        if meta.prefills:
+            batch = meta.prefill_batch
+            paged_attention(q[nd:], kv_cache, batch.block_tables.to(device), batch.seq_lens.to(device),
+                            batch.query_start_loc.to(device), batch.max_query_len, scale, out=out[nd:])
+        return out

@@ -1,0 +1,65 @@
+"""bench/gpu/attention_kernel_check.py's CPU-importable parts: its target shape, its refusal without CUDA, and its
+correctness checks and config sweep run on tiny shapes under the Triton interpreter (the GPU runs them compiled).
+
+TRITON_INTERPRET is set around the import of triton_paged and around the tests, as in tests/kernels/test_triton_moe.py.
+"""
+import importlib
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    if INTERPRET and "kernels.attention.triton_paged" in sys.modules:  # decorated earlier without the interpreter
+        importlib.reload(sys.modules["kernels.attention.triton_paged"])
+    from kernels.attention import triton_paged  # noqa: E402,F401  (the check imports it lazily: this copy)
+finally:
+    if _saved_interpret is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+from bench.gpu import attention_kernel_check as check  # noqa: E402
+
+TINY = replace(check.TARGET, batch=2, context=40, chunk=8, kv_heads=2, head_dim=16, groups=(3,), repeats=1,
+               device="cpu")
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="run the check itself on a GPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def test_target_is_the_spec_decode_shape():
+    t = check.TARGET
+    assert (t.kernels, t.batch, t.context, t.kv_heads, t.head_dim, t.groups, t.dtype) == (
+        ("decode",), 64, 32768, 8, 128, (4, 8), "bfloat16")
+
+
+def test_main_needs_cuda(capsys):
+    assert check.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_checks_pass_on_tiny_shapes_and_catch_a_mismatch(capsys):
+    cpu = torch.device("cpu")
+    assert check.check_decode(TINY, 3, cpu)
+    assert check.check_prefill(TINY, 3, cpu)
+    assert not check._agree("perturbed", torch.ones(4) + 0.1, torch.ones(4))
+    assert capsys.readouterr().out.count("ok  ") == 2
+
+
+def test_sweep_times_every_config():
+    rows = check.sweep_decode(TINY, [(16, 4, 1), (32, 4, 1)], torch.device("cpu"), peak_gbps=None)
+    assert [(r["group"], r["config"]) for r in rows] == [(3, [16, 16, 4, 1]), (3, [16, 32, 4, 1])]
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)

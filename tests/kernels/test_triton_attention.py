@@ -1,0 +1,192 @@
+"""The Triton paged attention (kernels/attention/triton_paged.py) on CPU, under the Triton interpreter.
+
+Two oracles: the torch backend (decode_attention / prefill_attention in torch_paged.py) and a dense softmax written
+here from the math in float64, which reads each token straight from (block_tables[s, t // P], t % P).
+- decode: head_dim 64/128/256, GQA 1/3/8/64, block size 16/32, lengths 1, block boundaries and ragged ones, 1 split,
+  several splits and more splits than a sequence has keys (empty splits), fp32 and bf16;
+- prefill chunks with and without a cached prefix, one-token chunks, with and without split-K;
+- the backend on a real step's metadata: a tiny random Llama generates the same greedy tokens with Triton forced
+  under the interpreter as with the torch backend (prefill chunks with a cached prefix, decodes and both mixed);
+- num_kv_splits against hand-worked cases of the spec's rule, select_attention_backend, and bad input.
+
+TRITON_INTERPRET is set only around this module's import of triton_paged and around its tests, as in
+test_triton_moe.py. With CUDA the compiled kernels run on the GPU (bench/gpu/attention_kernel_check.py runs this file
+there) and the engine test, which runs the CPU engine, is skipped.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET else "cuda"
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    if INTERPRET and "kernels.attention.triton_paged" in sys.modules:  # decorated earlier without the interpreter
+        importlib.reload(sys.modules["kernels.attention.triton_paged"])
+    from kernels.attention import triton_paged  # noqa: E402
+finally:
+    if _saved_interpret is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
+from kernels.attention.torch_paged import decode_attention, prefill_attention  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        if INTERPRET:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _tol(dtype):
+    return dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def _paged_cache(kv_heads, head_dim, block_size, seq_lens, dtype, seed):
+    """A cache in which each sequence owns shuffled blocks (logical order is not physical order); block tables are
+    padded with block 0, which belongs to some sequence, so reading past a sequence's end changes the result."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 1
+    kv = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    ids = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.long)
+    for s, count in enumerate(per_seq):
+        tables[s, :count] = torch.tensor([ids.pop() for _ in range(count)])
+    return kv, tables
+
+
+def _dense(q, kv, table, seq_len, scale):
+    """Softmax attention from the definition, float64: q [n, heads, hd] are the last n positions of the sequence."""
+    n, num_heads, _ = q.shape
+    block_size = kv.shape[3]
+    pos = torch.arange(seq_len)
+    k, v = (kv[i][:, table[pos // block_size], pos % block_size].double() for i in (0, 1))  # [kvh, L, hd]
+    group = num_heads // kv.shape[1]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = torch.einsum("nhd,hld->hnl", q.double(), k) * scale
+    future = pos[None, :] > (seq_len - n + torch.arange(n))[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return torch.einsum("hnl,hld->nhd", probs, v)
+
+
+def _on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+DECODE_CASES = {  # head_dim, group, kv_heads, block_size, dtype, seq_lens, split counts
+    "mha-d64-p16": (64, 1, 2, 16, torch.float32, [1, 16, 17, 45], (1, 3)),
+    "gqa3-d128-p32": (128, 3, 2, 32, torch.bfloat16, [32, 1, 64, 70], (1, 4)),
+    "gqa8-d256-p16": (256, 8, 1, 16, torch.float32, [33, 16, 2], (2,)),
+    "mqa64-d128-p32": (128, 64, 1, 32, torch.bfloat16, [1, 40], (1, 2)),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_matches_torch_and_dense(case):
+    head_dim, group, kv_heads, block_size, dtype, seq_lens, split_counts = DECODE_CASES[case]
+    kv, tables = _paged_cache(kv_heads, head_dim, block_size, seq_lens, dtype, seed=head_dim + group)
+    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = head_dim ** -0.5
+    lens = torch.tensor(seq_lens)
+    pad = torch.arange(tables.shape[1] * block_size)[None, :] >= lens[:, None]
+    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
+    torch_out = decode_attention(q, kv, tables, bias, scale)
+    dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
+    for num_splits in split_counts:
+        out = triton_paged.paged_decode(*_on_device(q, kv, tables, lens), scale, num_splits=num_splits).cpu()
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out, torch_out, **_tol(dtype))
+        torch.testing.assert_close(out.double(), dense, **_tol(dtype))
+
+
+PREFILL_CASES = {  # head_dim, group, kv_heads, block_size, dtype, [(new tokens, seq_len)], num_splits
+    "no-prefix-gqa3": (64, 3, 2, 16, torch.float32, [(1, 1), (16, 16), (23, 23)], 1),
+    "prefix-gqa8-p32": (128, 8, 1, 32, torch.bfloat16, [(5, 37), (32, 64), (1, 20)], 1),
+    "prefix-split-mha": (64, 1, 2, 16, torch.float32, [(3, 40), (17, 17)], 2),
+    "mqa64-d256": (256, 64, 1, 16, torch.bfloat16, [(2, 18), (4, 4)], 1),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_chunks_match_torch_and_dense(case):
+    head_dim, group, kv_heads, block_size, dtype, chunks, num_splits = PREFILL_CASES[case]
+    seq_lens = [n for _, n in chunks]
+    kv, tables = _paged_cache(kv_heads, head_dim, block_size, seq_lens, dtype, seed=head_dim + group)
+    starts = torch.tensor([0, *torch.tensor([c for c, _ in chunks]).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    scale = head_dim ** -0.5
+    out = triton_paged.paged_attention(*_on_device(q, kv, tables, torch.tensor(seq_lens), starts),
+                                       max(c for c, _ in chunks), scale, num_splits=num_splits).cpu()
+    for s, (new, seq_len) in enumerate(chunks):
+        rows = slice(int(starts[s]), int(starts[s + 1]))
+        blocks = tables[s, :-(-seq_len // block_size)]
+        torch.testing.assert_close(out[rows], prefill_attention(q[rows], kv, blocks, seq_len, scale), **_tol(dtype))
+        torch.testing.assert_close(out[rows].double(), _dense(q[rows], kv, tables[s], seq_len, scale), **_tol(dtype))
+
+
+def test_num_kv_splits_follows_the_wave_rule():
+    # Programs fill 80% of the SMs: no split.
+    assert triton_paged.num_kv_splits(num_programs=8, num_key_tiles=512, num_sms=10) == 1
+    # 4 programs on 10 SMs: s splits fill 0.4 s waves, efficiency 0.4 s / ceil(0.4 s) = .4 .8 .6 .8 1 .8 .93 .8 .9 1
+    # for s = 1..10 (100 tiles: every s gives a different tiles-per-split); the first within 85% of 1 is s = 5.
+    assert triton_paged.num_kv_splits(num_programs=4, num_key_tiles=100, num_sms=10) == 5
+    # With 8 tiles, s = 5..7 take 2 tiles per split like s = 4 and are skipped, leaving s = 1, 2, 3, 4, 8 with
+    # efficiencies .4 .8 .6 .8 .8: the first within 85% of .8 is s = 2.
+    assert triton_paged.num_kv_splits(num_programs=4, num_key_tiles=8, num_sms=10) == 2
+
+
+def test_bad_input_is_rejected():
+    kv, tables = _paged_cache(2, 64, 16, [5], torch.float32, seed=0)
+    lens = torch.tensor([5])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        triton_paged.paged_decode(torch.randn(1, 3, 64), kv, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="head_dim"):
+        triton_paged.paged_decode(torch.randn(1, 2, 32), kv, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_paged.paged_decode(torch.randn(1, 2, 64).bfloat16(), kv, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="seq_lens"):
+        triton_paged.paged_decode(torch.randn(1, 2, 64), kv, tables, torch.tensor([5, 5]), 0.125)
+
+
+def test_select_attention_backend(monkeypatch):
+    assert isinstance(select_attention_backend("auto", "cpu"), TorchPagedAttention)
+    assert isinstance(select_attention_backend("torch", "cuda"), TorchPagedAttention)
+    assert isinstance(select_attention_backend("auto", "cuda"), triton_paged.TritonPagedAttention)
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        select_attention_backend("flash", "cpu")
+    if INTERPRET:
+        assert isinstance(select_attention_backend("triton", "cpu"), triton_paged.TritonPagedAttention)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            select_attention_backend("triton", "cpu")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the engine runs on CPU; on CUDA the kernel tests above cover the kernels")
+def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path):
+    """Prompts of 1, 7 and 40 tokens with 16-token steps: prefill chunks with and without a cached prefix, decodes,
+    and steps that mix both, through ModelRunner's real metadata."""
+    from conftest import make_tiny_model  # tests/conftest.py needs gguf; the GPU check runs this file without it
+    from engine import LLM, SamplingParams
+
+    make_tiny_model(tmp_path, "llama")
+    prompts = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        with LLM(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=16,
+                 attention_backend=backend) as llm:
+            assert isinstance(llm.engine.core.executor.runner.model.layers[0].self_attn.attn,
+                              TorchPagedAttention if backend == "torch" else triton_paged.TritonPagedAttention)
+            tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["triton"] == tokens["torch"]
