@@ -43,7 +43,7 @@ def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> 
     shape = KVShape(model_config.num_kv_heads, cache.block_size, model_config.head_dim,
                     resolve_dtype(config.model.dtype, model_config))
     return kv_cache_spec(cache.kv_cache_dtype, shape, model_config.num_layers, cache.kv_window, cache.stairs,
-                         sched.max_num_seqs, sched.max_num_batched_tokens)
+                         sched.max_num_seqs, sched.max_num_batched_tokens, cache.kv_cache_memory_gb * 2**30)
 
 
 class ModelRunner:

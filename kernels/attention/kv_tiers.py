@@ -8,10 +8,11 @@ are quantized per channel over the whole block, which needs all its tokens.
 Memory (all counted in KVCacheSpec, so the KV budget buys exactly what is allocated):
     floor stair      one slot per logical block, at the block id: what the block manager hands out
     stairs above     pools of slots sized for max_num_seqs sequences each holding the blocks of its age span
-                     (stair 0 also for the blocks one step may write); a block there also keeps its floor home
+                     (stair 0 also for the blocks one step may write), at most half the KV budget in all;
+                     a block there also keeps its floor home
 Blocks only step down, except a block written again (reused, or a partial block that was evicted): it goes back
-to stair 0 first. If a pool is short (blocks left behind by preempted requests), its longest-held block is
-evicted to the floor early: a loss of precision, never of data.
+to stair 0 first. If a pool is short (more running sequences than it was sized for, or blocks left behind by
+preempted requests), its longest-held block steps down one stair early: a loss of precision, never of data.
 
 Per step the runner builds one KVStepPlan (host-side, before the forward); every layer's QuantizedKVCache replays
 it: `before_write` moves, the token writes into stair-0 slots, then `after_write` moves. Moves replay in planning
@@ -70,15 +71,17 @@ class KVCacheSpec:
             per_layer = KiviStore.bytes_per_block(self.shape, self.stairs[-1][1])
         return per_layer * self.num_layers
 
+    def stair_block_bytes(self, stair: int) -> int:
+        """Bytes of one slot of a stair's pool, over all layers."""
+        bits = self.stairs[stair][1]
+        per = (FullPrecisionStore.bytes_per_block(self.shape) if bits == FULL_BITS
+               else KiviStore.bytes_per_block(self.shape, bits))
+        return per * self.num_layers
+
     @property
     def pool_bytes(self) -> int:
         """Bytes of the stair pools above the floor, over all layers."""
-        total = 0
-        for (_, bits), slots in zip(self.stairs, self.stair_slots):
-            per = (FullPrecisionStore.bytes_per_block(self.shape) if bits == FULL_BITS
-                   else KiviStore.bytes_per_block(self.shape, bits))
-            total += per * slots
-        return total * self.num_layers
+        return sum(self.stair_block_bytes(i) * n for i, n in enumerate(self.stair_slots))
 
     def num_blocks(self, budget_bytes: float) -> int:
         room = budget_bytes - self.pool_bytes
@@ -92,8 +95,11 @@ class KVCacheSpec:
 
 
 def kv_cache_spec(fmt: str, shape: KVShape, num_layers: int, window: int, staircase: list[Stair],
-                  max_num_seqs: int, max_num_batched_tokens: int) -> KVCacheSpec:
-    """The spec of `fmt`; int4 uses [(window, 16), (inf, 4)], saq uses `staircase`."""
+                  max_num_seqs: int, max_num_batched_tokens: int, budget_bytes: float) -> KVCacheSpec:
+    """The spec of `fmt`; int4 uses [(window, 16), (inf, 4)], saq uses `staircase`.
+
+    The stair pools are sized for max_num_seqs sequences but take at most half of `budget_bytes`: past that many
+    running sequences, the blocks held longest step down early (KVStairTable._take_slot)."""
     if fmt in ("auto", "fp8_e4m3", "int8"):
         return KVCacheSpec(fmt, shape, num_layers)
     stairs = tuple([(window, FULL_BITS), (math.inf, 4)] if fmt == "int4" else staircase)
@@ -104,10 +110,15 @@ def kv_cache_spec(fmt: str, shape: KVShape, num_layers: int, window: int, stairc
                              f"{min(VALUE_GROUP, hd)}, got {hd}")
     bs = shape.block_size
     # Stair 0: each sequence's window plus its partial block, and the blocks a step writes before they age out.
-    slots = [max_num_seqs * (math.ceil(stairs[0][0] / bs) + 3) + math.ceil(max_num_batched_tokens / bs)]
-    for (lo, _), (hi, _) in zip(stairs[:-2], stairs[1:-1]):
-        slots.append(max_num_seqs * (math.ceil((hi - lo) / bs) + 1))
-    return KVCacheSpec(fmt, shape, num_layers, stairs, tuple(slots))
+    step_blocks = math.ceil(max_num_batched_tokens / bs) + 2 * max_num_seqs  # pinned while the step writes them
+    ages = [hi - lo for (lo, _), (hi, _) in zip(((0, 0),) + stairs[:-2], stairs[:-1])]
+    aged = [max_num_seqs * (math.ceil(age / bs) + 1) for age in ages]  # each sequence's blocks on each stair
+    spec = KVCacheSpec(fmt, shape, num_layers, stairs, tuple(aged))
+    pinned = step_blocks * spec.stair_block_bytes(0)
+    shrink = min(1.0, max(0.0, budget_bytes / 2 - pinned) / spec.pool_bytes)
+    slots = [int(n * shrink) for n in aged]
+    slots[0] += step_blocks
+    return KVCacheSpec(fmt, shape, num_layers, stairs, tuple(max(1, n) for n in slots))
 
 
 # ---- the per-step plan ----------------------------------------------------------------------------------------
@@ -192,11 +203,11 @@ class KVStairTable:
         self._changed.add(block)
 
     def _take_slot(self, stair: int) -> int:
-        if not self.free[stair]:
+        if not self.free[stair]:  # the block held longest (often one a preempted request left) steps down early
             victim = next((b for b in self.holders[stair] if b not in self._arrived), None)
             if victim is None:
                 raise RuntimeError(f"KV stair {stair} has no slot left for this step's blocks")
-            self._relocate(victim, self.floor, keep_data=True)
+            self._relocate(victim, stair + 1, keep_data=True)
         return self.free[stair].pop()
 
     def _take_moves(self) -> list[Move]:

@@ -102,7 +102,8 @@ class SeqDriver:
 
     def __init__(self, fmt: str, stairs, num_blocks=16):
         bits = [b for _, b in stairs]
-        spec = kv_cache_spec(fmt, SHAPE, 1, stairs[0][0], stairs, max_num_seqs=2, max_num_batched_tokens=64)
+        spec = kv_cache_spec(fmt, SHAPE, 1, stairs[0][0], stairs, max_num_seqs=2, max_num_batched_tokens=64,
+                             budget_bytes=2 ** 30)
         self.table = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, SHAPE.block_size)
         self.cache = QuantizedKVCache(SHAPE, fmt, num_blocks, bits, list(spec.stair_slots))
         self.blocks = torch.randperm(num_blocks).tolist()  # scattered physical blocks
@@ -226,7 +227,7 @@ def smollm2_tokens(fmt: str, budget_gib: float = 1.0, block_size: int = 32) -> i
     cfg = CacheConfig(block_size=block_size, kv_cache_dtype=fmt)
     shape = KVShape(SMOLLM2["num_kv_heads"], block_size, SMOLLM2["head_dim"], torch.bfloat16)
     spec = kv_cache_spec(fmt, shape, SMOLLM2["num_layers"], cfg.kv_window, cfg.stairs, max_num_seqs=4,
-                         max_num_batched_tokens=512)
+                         max_num_batched_tokens=512, budget_bytes=budget_gib * 2 ** 30)
     return spec.num_blocks(budget_gib * 2 ** 30) * block_size
 
 
@@ -242,7 +243,8 @@ def test_compression_turns_into_token_capacity():
 def test_block_count_is_paid_by_the_bytes_really_allocated(fmt):
     """pool_bytes + blocks * block_bytes equals the nbytes of every tensor the caches allocate."""
     cfg = CacheConfig(kv_cache_dtype=fmt)
-    spec = kv_cache_spec(fmt, SHAPE, 3, 32, cfg.stairs, max_num_seqs=2, max_num_batched_tokens=64)
+    spec = kv_cache_spec(fmt, SHAPE, 3, 32, cfg.stairs, max_num_seqs=2, max_num_batched_tokens=64,
+                         budget_bytes=4 * 2 ** 20)
     num_blocks = spec.num_blocks(4 * 2 ** 20)
     if fmt == "auto":
         allocated = FullPrecisionStore(SHAPE, num_blocks).data.nbytes * 3
@@ -262,5 +264,16 @@ def test_config_rejects_bad_kv_settings():
         CacheConfig(kv_window=-1)
     with pytest.raises(ValueError, match="bits must fall"):
         CacheConfig(kv_staircase="128:16,256:2,inf:4")
-    with pytest.raises(ValueError, match="no room"):
-        kv_cache_spec("int4", SHAPE, 30, 128, [], max_num_seqs=256, max_num_batched_tokens=2048).num_blocks(2 ** 20)
+    with pytest.raises(ValueError, match="no room"):  # the pinned part of the window pool alone is too big
+        kv_cache_spec("int4", SHAPE, 30, 128, [], max_num_seqs=256, max_num_batched_tokens=2048,
+                      budget_bytes=2 ** 20).num_blocks(2 ** 20)
+
+
+def test_stair_pools_take_at_most_half_the_budget_past_the_pinned_blocks():
+    budget = 2 ** 30
+    spec = kv_cache_spec("saq", KVShape(3, 16, 64, torch.bfloat16), 30, 128,
+                         parse_staircase("128:16,1024:8,4096:4,inf:2"), max_num_seqs=256,
+                         max_num_batched_tokens=2048, budget_bytes=budget)
+    assert budget / 2 * 0.99 <= spec.pool_bytes <= budget / 2
+    assert spec.stair_slots[0] >= 2048 // 16 + 2 * 256
+    assert spec.num_blocks(budget) > 0
