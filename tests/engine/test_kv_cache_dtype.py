@@ -20,6 +20,11 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def full(tiny_dir):
+    return run(tiny_dir, PROMPTS)
+
+
 def run(tiny_dir, prompts, **kv):
     with LLM(str(tiny_dir), dtype="float32", block_size=16, max_num_seqs=8, num_kv_blocks=64, **kv) as llm:
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -48,19 +53,18 @@ def test_flag_reaches_the_runner_caches(tiny_dir):
 
 @pytest.mark.parametrize("kv", [dict(kv_cache_dtype="int4", kv_window=128),
                                 dict(kv_cache_dtype="saq", kv_staircase="128:16,256:8,inf:2")])
-def test_window_covering_every_token_is_exactly_full_precision(tiny_dir, kv):
-    assert run(tiny_dir, PROMPTS, **kv) == run(tiny_dir, PROMPTS)
+def test_window_covering_every_token_is_exactly_full_precision(tiny_dir, full, kv):
+    assert run(tiny_dir, PROMPTS, **kv) == full
 
 
 @pytest.mark.parametrize("kv", [dict(kv_cache_dtype="int8"), dict(kv_cache_dtype="fp8_e4m3"),
                                 dict(kv_cache_dtype="int4", kv_window=16),
                                 dict(kv_cache_dtype="saq", kv_staircase="16:16,32:8,48:4,inf:2")])
-def test_quantized_requests_batched_equal_each_alone(tiny_dir, kv):
+def test_quantized_requests_batched_equal_each_alone(tiny_dir, full, kv):
     """Each prompt prefills in one chunk and decodes a token a step, so its KV is the same alone or batched: a
     batch that mixed up blocks, slots or stairs between sequences would show up as different tokens."""
     alone = [run(tiny_dir, [p], **kv)[0] for p in PROMPTS]
     batched = run(tiny_dir, PROMPTS, **kv)
-    full = run(tiny_dir, PROMPTS)
     for (a_tok, a_lp), (b_tok, b_lp) in zip(alone, batched):
         assert a_tok == b_tok
         assert max(abs(x - y) for x, y in zip(a_lp, b_lp)) < 1e-4
