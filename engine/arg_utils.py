@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 from engine.llm import engine_config
 from kernels.attention import ATTENTION_BACKENDS
 
@@ -19,6 +19,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory-gb")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache storage: the model dtype, fp8/int8 per token, int4 (KIVI) or saq (staircase)")
+    g.add_argument("--kv-window", type=int, default=128, help="int4: newest tokens kept in full precision")
+    g.add_argument("--kv-staircase", default="128:16,256:8,384:4,inf:2",
+                   help="saq: age:bits stairs; blocks older than an age step down to the next stair's bits")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--cache-dir", type=Path, default=None, help="default: $AFDSERVE_CACHE or ~/.cache/afdserve")
@@ -36,7 +41,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return engine_config(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb, num_kv_blocks=args.num_kv_blocks,
-        enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+        kv_window=args.kv_window, kv_staircase=args.kv_staircase, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir, afd=args.afd,
         micro_batches=args.micro_batches, ray_address=args.ray_address, afd_transport=args.afd_transport,
         threads_per_worker=args.threads_per_worker, attention_backend=args.attention_backend)

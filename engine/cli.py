@@ -85,6 +85,17 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kv_quant(args: argparse.Namespace) -> int:
+    from bench.kv_quant import KVQuantBenchSpec, format_kv_quant_result, run_kv_quant_bench
+
+    config = engine_config_from_args(args)
+    spec = KVQuantBenchSpec(tuple(args.kv_dtypes), args.num_tokens, args.chunk)
+    rows = run_kv_quant_bench(config, spec)
+    print(format_kv_quant_result(rows, config, spec))
+    _write_json(args.json, rows)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.server.api_server import run_server
     return run_server(args)
@@ -172,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--peak-gbps", type=float, default=None, help="peak HBM GB/s; default: looked up by device name")
     kn.add_argument("--json", default=None)
     kn.set_defaults(func=_bench_kernels)
+    kvq = bench_sub.add_parser("kv-quant", help="perplexity and KV bytes per token for each --kv-cache-dtype")
+    add_engine_args(kvq)
+    kvq.add_argument("--kv-dtypes", nargs="+", default=["auto", "fp8_e4m3", "int8", "int4", "saq"],
+                     help="the first is the baseline of the delta column")
+    kvq.add_argument("--num-tokens", type=int, default=2048, help="tokens of pydoc_data.topics to score")
+    kvq.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens)")
+    kvq.add_argument("--json", default=None)
+    kvq.set_defaults(func=_bench_kv_quant)
     return parser
 
 

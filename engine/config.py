@@ -32,14 +32,54 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0  # KV pool size; num_kv_blocks overrides it
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8_e4m3, int8, int4 (KIVI), saq (staircase)
+    kv_window: int = 128  # int4: the newest tokens kept in full precision (KIVI's R)
+    kv_staircase: str = "128:16,256:8,384:4,inf:2"  # saq: "age:bits,...", see parse_staircase
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_window < 0:
+            raise ValueError(f"kv_window must be >= 0, got {self.kv_window}")
+        self.stairs = parse_staircase(self.kv_staircase)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "saq")
+STAIR_BITS = (16, 8, 4, 2)
+
+
+def parse_staircase(text: str) -> list[tuple[float, int]]:
+    """'128:16,256:8,384:4,inf:2' -> [(128, 16), (256, 8), (384, 4), (inf, 2)].
+
+    Each stair is `age:bits`: a KV block whose newest token has fewer than `age` newer tokens after it is stored
+    at `bits` (16 = the model dtype). Ages rise, bits fall, the first stair is 16 (the full-precision window,
+    which may be 0: only the unfilled block) and the last age is inf (the floor)."""
+    try:
+        stairs = [(float(age) if age.strip() == "inf" else int(age), int(bits))
+                  for age, bits in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise ValueError(f"kv_staircase must look like 128:16,256:8,384:4,inf:2 (age:bits,...), got {text!r}") from None
+    ages, bits = [a for a, _ in stairs], [b for _, b in stairs]
+    problems = []
+    if len(stairs) < 2:
+        problems.append("needs at least two stairs")
+    if bits[0] != 16:
+        problems.append("the first stair must be 16 bits")
+    if any(b not in STAIR_BITS for b in bits):
+        problems.append(f"bits must be among {STAIR_BITS}")
+    if any(b1 <= b2 for b1, b2 in zip(bits, bits[1:])):
+        problems.append("bits must fall stair by stair")
+    if ages[-1] != float("inf") or any(a1 >= a2 for a1, a2 in zip(ages, ages[1:])) or ages[0] < 0:
+        problems.append("ages must rise from >= 0 and the last must be inf")
+    if problems:
+        raise ValueError(f"kv_staircase {text!r}: " + "; ".join(problems))
+    return stairs
 
 
 @dataclass
@@ -92,3 +132,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype != "auto":
+            raise ValueError(f"attention_backend 'triton' reads a full-precision KV cache only; kv_cache_dtype "
+                             f"{self.cache.kv_cache_dtype!r} needs attention_backend 'torch'")

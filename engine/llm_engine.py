@@ -8,17 +8,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-import torch
-
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.executor import make_executor
+from engine.model_runner import kv_cache_spec_for
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from models.hf_config import load_transformer_config, resolve_dtype
+from models.hf_config import load_transformer_config
 from models.model_path import default_cache_dir, resolve_model_path
 
 
@@ -40,9 +39,8 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        elem = torch.empty(0, dtype=resolve_dtype(self.config.model.dtype, self.model_config)).element_size()
-        block_bytes = cache.block_size * self.model_config.kv_bytes_per_token * elem
-        return max(1, int(cache.kv_cache_memory_gb * 2**30 // block_bytes))
+        spec = kv_cache_spec_for(self.config, self.model_config)
+        return max(1, spec.num_blocks(cache.kv_cache_memory_gb * 2**30))
 
     def _max_model_len(self) -> int:
         cfg = self.model_config

@@ -14,6 +14,8 @@ from engine.config import EngineConfig
 from engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
+from kernels.attention.kv_quant import KVShape, QuantizedKVCache
+from kernels.attention.kv_tiers import KVCacheSpec, KVStairTable, kv_cache_spec
 from models.hf_config import TransformerConfig, resolve_dtype
 from models.loader import load_model
 
@@ -45,6 +47,15 @@ class FlatBatch:
     wants_prompt_logprobs: list[bool]  # per batch sequence
 
 
+def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> KVCacheSpec:
+    """The KV format's bytes per block and fixed pools: sizes the block pool (LLMEngine) and the caches (runner)."""
+    cache, sched = config.cache, config.scheduler
+    shape = KVShape(model_config.num_kv_heads, cache.block_size, model_config.head_dim,
+                    resolve_dtype(config.model.dtype, model_config))
+    return kv_cache_spec(cache.kv_cache_dtype, shape, model_config.num_layers, cache.kv_window, cache.stairs,
+                         sched.max_num_seqs, sched.max_num_batched_tokens, cache.kv_cache_memory_gb * 2**30)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
@@ -52,14 +63,27 @@ class ModelRunner:
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, model_config)
-        shape = kv_cache_shape(num_kv_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype) for _ in range(model_config.num_layers)]
-        attention = select_attention_backend(config.model.attention_backend, self.kv_caches[0].device)
+        self.kv_caches, self.kv_stairs = self._allocate_kv_caches(num_kv_blocks)
+        attention = select_attention_backend(config.model.attention_backend, "cpu")  # the KV caches live on the host
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention)
         self.sampler = Sampler()
         self.default_generator = torch.Generator().manual_seed(config.model.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs_given: dict[str, int] = {}  # request id -> prompt positions whose logprobs were sent
+
+    def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairTable | None]:
+        """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
+        int4 / saq staircase's block table is shared by all layers."""
+        spec = kv_cache_spec_for(self.config, self.model_config)
+        layers = range(self.model_config.num_layers)
+        if spec.fmt == "auto":
+            shape = kv_cache_shape(num_blocks, self.block_size, self.model_config.num_kv_heads,
+                                   self.model_config.head_dim)
+            return [torch.zeros(shape, dtype=self.dtype) for _ in layers], None
+        bits = [b for _, b in spec.stairs]
+        caches = [QuantizedKVCache(spec.shape, spec.fmt, num_blocks, bits, list(spec.stair_slots)) for _ in layers]
+        stairs = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, self.block_size) if spec.stairs else None
+        return caches, stairs
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -83,7 +107,7 @@ class ModelRunner:
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
         bs = self.block_size
         input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        decode_tables, decode_lens, prefills, kv_seqs = [], [], [], []
         for i in order:
             item = scheduled[i]
             start, n, blocks = item.start_pos, item.num_tokens, item.block_ids
@@ -92,6 +116,7 @@ class ModelRunner:
             pos = range(start, start + n)
             positions += pos
             slots += [blocks[p // bs] * bs + p % bs for p in pos]
+            kv_seqs.append((blocks, start, n))
             seq_len = start + n
             if n == 1:
                 decode_tables.append(blocks)
@@ -114,6 +139,7 @@ class ModelRunner:
             decode_mask_bias=torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1),
             prefills=prefills,
             decode_seq_lens=seq_lens,
+            kv_plan=self.kv_stairs.plan(kv_seqs) if self.kv_stairs else None,
         )
         return FlatBatch(order, torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta,
                          logits_rows, wants_prompt)

@@ -40,6 +40,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long, padded with 0
     decode_mask_bias: torch.Tensor  # [num_decodes, 1, max_blocks * block_size] float: 0, or -inf past seq_len
     prefills: list[PrefillSeq] = field(default_factory=list)
+    kv_plan: object | None = None  # int4 / saq KV caches: the step's kv_tiers.KVStepPlan, replayed by every layer
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: tokens with KV after this step
 
     @functools.cached_property

@@ -25,7 +25,11 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """K and V of `block_ids` ([n]) laid end to end: [2, kv_heads, n * block_size, head_dim]."""
+    """K and V of `block_ids` ([n]) laid end to end: [2, kv_heads, n * block_size, head_dim].
+
+    A quantized cache (kv_quant.QuantizedKVCache) returns them dequantized, so the attention below is shared."""
+    if not isinstance(kv_cache, torch.Tensor):
+        return kv_cache.gather(block_ids)
     two, kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     return kv_cache.index_select(2, block_ids).view(2, kv_heads, -1, head_dim)
 
@@ -70,7 +74,10 @@ class TorchPagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # All K/V first: a request may attend to blocks another request of the same step is writing (prefix hits).
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if isinstance(kv_cache, torch.Tensor):
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+        else:
+            kv_cache.write(k, v, meta.slot_mapping, meta.kv_plan)
         nd = meta.num_decodes
         if not meta.prefills:
             return decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale)

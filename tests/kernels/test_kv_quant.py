@@ -1,0 +1,279 @@
+"""Quantized KV cache: each quantizer against a plain-torch reference written from its formula (spec §5, §6),
+packing, the int4 full-precision window, the saq staircase, and the real bytes behind the block count."""
+import math
+
+import pytest
+import torch
+
+from engine.config import CacheConfig, parse_staircase
+from kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
+                                        TokenScaledStore, absmax_dequant, absmax_quant, minmax_dequant,
+                                        minmax_quant, pack_bits, unpack_bits)
+from kernels.attention.kv_tiers import KVStairTable, kv_cache_spec
+
+SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
+
+
+def ref_minmax(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """KIVI (spec §6.1) from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
+    zero = lo.half().float()
+    return ((x - zero) / scale).round().clamp(0, 2 ** bits - 1) * scale + zero
+
+
+# ---- quantizers -----------------------------------------------------------------------------------------------
+def test_int8_absmax_round_trip_within_half_a_step():
+    x = torch.randn(3, 40, 64) * torch.logspace(-2, 2, 40)[None, :, None]  # rows of very different ranges
+    q, scale = absmax_quant(x, "int8")
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (3, 40, 1)
+    step = (x.abs().amax(-1, keepdim=True) / 127).half().float()
+    assert torch.allclose(scale.float(), step)
+    err = (absmax_dequant(q, scale, "int8", torch.float32) - x).abs()
+    assert (err <= step / 2 * 1.001 + 1e-7).all()
+    assert err.max() > 0  # it really is quantized
+
+
+def test_fp8_e4m3_round_trip_within_three_mantissa_bits():
+    x = torch.randn(5, 33, 64) * 10
+    q, scale = absmax_quant(x, "fp8_e4m3")
+    assert q.dtype == torch.uint8
+    s = (x.abs().amax(-1, keepdim=True) / FP8_E4M3_MAX).half().float()
+    y = absmax_dequant(q, scale, "fp8_e4m3", torch.float32)
+    # E4M3: 3 mantissa bits -> relative rounding <= 2^-4; below 2^-6 (subnormals) absolute <= 2^-10, in units of s.
+    assert ((y - x).abs() <= (x.abs() * 2 ** -4 + s * 2 ** -10) * 1.001).all()
+    assert (y.abs().amax(-1, keepdim=True) <= FP8_E4M3_MAX * s * 1.001).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_minmax_matches_the_kivi_formula(bits):
+    x = torch.randn(4, 16, 64) * 3 + 1
+    for dim in (1, -1):  # per channel over tokens (keys), per token over channels (values)
+        q, scale, zero = minmax_quant(x, bits, dim)
+        y = minmax_dequant(q, scale, zero, torch.float32)
+        assert q.max() <= 2 ** bits - 1
+        assert torch.allclose(y, ref_minmax(x, bits, dim), atol=1e-6)
+        step = (x.amax(dim, keepdim=True) - x.amin(dim, keepdim=True)) / (2 ** bits - 1)
+        assert ((y - x).abs() <= step / 2 + 2 ** -9 * x.abs().amax()).all()
+
+
+def test_minmax_leaves_invalid_rows_out_of_the_range():
+    x = torch.randn(2, 16, 8)
+    valid = (torch.arange(16) < 5)[None, :, None]
+    x_stale = x.clone()
+    x_stale[:, 5:] = 1e4  # a reused block's old rows must not widen the scale
+    q, scale, zero = minmax_quant(x_stale, 4, dim=1, valid=valid)
+    y = minmax_dequant(q, scale, zero, torch.float32)[:, :5]
+    assert torch.allclose(y, ref_minmax(x[:, :5], 4, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip_is_exact_and_dense(bits):
+    codes = torch.randint(0, 2 ** bits, (3, 5, 64), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), codes)
+
+
+def test_int4_packs_two_codes_per_byte_low_nibble_first():
+    assert pack_bits(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8), 4).tolist() == [[0x21, 0x0F]]
+
+
+def test_int4_store_holds_half_the_code_bytes_of_int8():
+    int8, int4 = TokenScaledStore(SHAPE, 10, "int8"), KiviStore(SHAPE, 10, 4)
+    assert int4.k_codes.nbytes + int4.v_codes.nbytes == int8.data.nbytes // 2
+
+
+def test_kivi_store_keys_per_channel_values_per_token_group():
+    store = KiviStore(SHAPE, 6, 4)
+    kv = torch.randn(2, 2, 3, 16, 64)
+    kv[0, :, :, :, 5] *= 50  # an outlier key channel: per-channel scales keep the other channels fine
+    slots, rows = torch.tensor([4, 0, 2]), torch.tensor([16, 16, 16])
+    store.store(slots, kv, rows)
+    out = store.load(slots)
+    assert torch.allclose(out[0], ref_minmax(kv[0], 4, dim=2), atol=1e-5)  # keys: over each block's tokens
+    v_groups = kv[1].reshape(2, 3, 16, 2, 32)  # values: per token, groups of 32 channels
+    assert torch.allclose(out[1], ref_minmax(v_groups, 4, dim=-1).reshape(2, 3, 16, 64), atol=1e-5)
+
+
+# ---- the staircase through QuantizedKVCache --------------------------------------------------------------------
+class SeqDriver:
+    """One sequence written through a layer's QuantizedKVCache, step by step, as the model runner does."""
+
+    def __init__(self, fmt: str, stairs, num_blocks=16):
+        bits = [b for _, b in stairs]
+        spec = kv_cache_spec(fmt, SHAPE, 1, stairs[0][0], stairs, max_num_seqs=2, max_num_batched_tokens=64,
+                             budget_bytes=2 ** 30)
+        self.table = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, SHAPE.block_size)
+        self.cache = QuantizedKVCache(SHAPE, fmt, num_blocks, bits, list(spec.stair_slots))
+        self.blocks = torch.randperm(num_blocks).tolist()  # scattered physical blocks
+        self.k = torch.randn(0, 2, 64)
+        self.v = torch.randn(0, 2, 64)
+
+    def step(self, n: int):
+        start = len(self.k)
+        k, v = torch.randn(n, 2, 64), torch.randn(n, 2, 64)
+        self.k, self.v = torch.cat([self.k, k]), torch.cat([self.v, v])
+        plan = self.table.plan([(self.blocks, start, n)])
+        self.cache.write(k, v, None, plan)
+        return plan
+
+    def gathered(self) -> torch.Tensor:
+        n = len(self.k)
+        nb = -(-n // SHAPE.block_size)
+        return self.cache.gather(torch.tensor(self.blocks[:nb]))[:, :, :n]  # [2, kvh, n, hd]
+
+    def truth(self) -> torch.Tensor:
+        return torch.stack([self.k, self.v]).transpose(1, 2)
+
+    def stair(self, logical_block: int) -> int:
+        return self.table.stair[self.blocks[logical_block]]
+
+
+@pytest.mark.parametrize("chunks", [[1] * 100, [40, 1, 1, 30, 17, 5, 1, 1, 4]])
+def test_int4_window_is_exact_and_older_blocks_are_kivi(chunks):
+    window, bs = 32, SHAPE.block_size
+    seq = SeqDriver("int4", [(window, 16), (math.inf, 4)])
+    for n in chunks:
+        seq.step(n)
+        L = len(seq.k)
+        got, truth = seq.gathered(), seq.truth()
+        # Blocks whose newest token has >= window newer tokens are quantized; the rest are bit-exact.
+        n_quant = max(0, (L - window) // bs)
+        assert torch.equal(got[:, :, n_quant * bs:], truth[:, :, n_quant * bs:])
+        assert n_quant * bs >= L - window - bs + 1  # so the newest `window` tokens are always exact
+        for b in range(n_quant):
+            blk = truth[:, :, b * bs:(b + 1) * bs]
+            ref = torch.stack([ref_minmax(blk[0], 4, dim=1),
+                               ref_minmax(blk[1].reshape(2, bs, 2, 32), 4, dim=-1).reshape(2, bs, 64)])
+            assert torch.allclose(got[:, :, b * bs:(b + 1) * bs], ref, atol=1e-5), (L, b)
+            assert not torch.equal(got[:, :, b * bs:(b + 1) * bs], blk)
+
+
+def test_saq_steps_whole_blocks_down_at_the_configured_ages():
+    stairs = parse_staircase("32:16,64:8,96:4,inf:2")
+    seq = SeqDriver("saq", stairs)
+    history = []  # (length, stair of logical block 0, its gathered values)
+    for _ in range(130):
+        seq.step(1)
+        history.append((len(seq.k), seq.stair(0), seq.gathered()[:, :, :16].clone()))
+    # Block 0 holds tokens 0..15; its age at length L is L - 16: stair k once the age reaches stair k-1's bound.
+    first_at = {s: next(L for L, st, _ in history if st == s) for s in (0, 1, 2, 3)}
+    assert first_at == {0: 1, 1: 16 + 32, 2: 16 + 64, 3: 16 + 96}
+    assert [st for _, st, _ in history] == sorted(st for _, st, _ in history)  # only ever down
+    blk = seq.truth()[:, :, :16]
+
+    def kivi(x, bits):  # keys per channel over the block, values per token in groups of 32
+        return torch.stack([ref_minmax(x[0], bits, 1), ref_minmax(x[1].reshape(2, 16, 2, 32), bits, -1).reshape(
+            2, 16, 64)])
+
+    # Each step re-quantizes the whole block from the previous stair's dequantized values (spec §5.2).
+    expected = {0: blk, 1: kivi(blk, 8)}
+    expected[2] = kivi(expected[1], 4)
+    expected[3] = kivi(expected[2], 2)
+    for L, st, values in history:
+        assert torch.allclose(values, expected[st][:, :, :L], atol=1e-5), (L, st)
+    # Drift from re-quantizing (spec §5.3): bounded by the sum of each stair's half step.
+    def half_steps(x, bits):
+        return (x.amax(2, keepdim=True) - x.amin(2, keepdim=True))[0] / (2 ** bits - 1) / 2
+    drift = (expected[3][0] - blk[0]).abs()
+    bound = half_steps(blk, 8) + half_steps(expected[1], 4) + half_steps(expected[2], 2) + 1e-4
+    assert (drift <= bound).all()
+
+
+def test_saq_chunk_crossing_several_stairs_goes_straight_to_its_stair():
+    seq = SeqDriver("saq", parse_staircase("32:16,64:8,96:4,inf:2"))
+    plan = seq.step(120)
+    # Ages 120 - 16 (i + 1) = 104, 88, 72, 56, 40, 24, 8 and the partial block; bounds 32, 64, 96.
+    assert [seq.stair(i) for i in range(8)] == [3, 2, 2, 1, 1, 0, 0, 0]
+    assert [(m.src, m.dst, len(m.dst_slots)) for m in plan.after_write] == [(0, 1, 2), (0, 2, 2), (0, 3, 1)]
+    assert not plan.before_write
+
+
+def test_reused_block_written_from_row_0_is_full_precision_again():
+    seq = SeqDriver("int4", [(0, 16), (math.inf, 4)])
+    seq.step(16)  # block 0 full and older than the (empty) window: quantized
+    assert seq.stair(0) == 1
+    seq.k, seq.v = seq.k[:0], seq.v[:0]  # freed, and handed to a new request from its first row
+    seq.step(10)
+    assert seq.stair(0) == 0
+    assert torch.equal(seq.gathered(), seq.truth())
+
+
+def test_short_window_pool_evicts_a_left_behind_partial_block_without_its_stale_rows():
+    """A preempted request's partial block holds a window slot; when the pool runs short it is quantized early,
+    its min/max over the rows it really has."""
+    table = KVStairTable(((0, 16), (math.inf, 4)), (2,), 8, 16)
+    cache = QuantizedKVCache(SHAPE, "int4", 8, [16, 4], [2])
+    old = torch.randn(16, 2, 64) * 100  # what the slot held before: must not widen the left-behind block's scales
+    cache.write(old, old, None, table.plan([([3], 0, 16)]))
+    a = torch.randn(5, 2, 64)
+    cache.write(a, a, None, table.plan([([7], 0, 5)]))  # request A: 5 tokens, then preempted
+    b = torch.randn(20, 2, 64)
+    plan = table.plan([([1, 2], 0, 20)])  # request B needs both window slots
+    assert [(m.src, m.dst, m.rows.tolist()) for m in plan.before_write] == [(0, 1, [5])]
+    cache.write(b, b, None, plan)
+    got = cache.gather(torch.tensor([7, 1, 2]))
+    assert torch.allclose(got[0, :, :5], ref_minmax(a.transpose(0, 1), 4, dim=1), atol=1e-5)
+    assert torch.equal(got[0, :, 32:36], b[16:].transpose(0, 1))  # B's partial block: exact
+    assert table.stair[1] == 1 and table.stair[2] == 0
+
+
+# ---- bytes -> blocks ------------------------------------------------------------------------------------------
+SMOLLM2 = dict(num_kv_heads=3, head_dim=64, num_layers=30)  # SmolLM2-135M's KV geometry
+
+
+def smollm2_tokens(fmt: str, budget_gib: float = 1.0, block_size: int = 32) -> int:
+    cfg = CacheConfig(block_size=block_size, kv_cache_dtype=fmt)
+    shape = KVShape(SMOLLM2["num_kv_heads"], block_size, SMOLLM2["head_dim"], torch.bfloat16)
+    spec = kv_cache_spec(fmt, shape, SMOLLM2["num_layers"], cfg.kv_window, cfg.stairs, max_num_seqs=4,
+                         max_num_batched_tokens=512, budget_bytes=budget_gib * 2 ** 30)
+    return spec.num_blocks(budget_gib * 2 ** 30) * block_size
+
+
+def test_compression_turns_into_token_capacity():
+    bf16 = smollm2_tokens("auto")
+    assert smollm2_tokens("int8") / bf16 >= 1.9
+    assert smollm2_tokens("fp8_e4m3") / bf16 >= 1.9
+    assert smollm2_tokens("int4") / bf16 >= 3.0
+    assert smollm2_tokens("saq") / bf16 >= 3.0  # its 2-bit floor, after its stair pools
+
+
+@pytest.mark.parametrize("fmt", ["auto", "fp8_e4m3", "int8", "int4", "saq"])
+def test_block_count_is_paid_by_the_bytes_really_allocated(fmt):
+    """pool_bytes + blocks * block_bytes equals the nbytes of every tensor the caches allocate."""
+    cfg = CacheConfig(kv_cache_dtype=fmt)
+    spec = kv_cache_spec(fmt, SHAPE, 3, 32, cfg.stairs, max_num_seqs=2, max_num_batched_tokens=64,
+                         budget_bytes=4 * 2 ** 20)
+    num_blocks = spec.num_blocks(4 * 2 ** 20)
+    if fmt == "auto":
+        allocated = FullPrecisionStore(SHAPE, num_blocks).data.nbytes * 3
+    else:
+        bits = [b for _, b in spec.stairs]
+        caches = [QuantizedKVCache(SHAPE, fmt, num_blocks, bits, list(spec.stair_slots)) for _ in range(3)]
+        allocated = sum(t.nbytes for c in caches for s in c.stores for t in vars(s).values()
+                        if isinstance(t, torch.Tensor))
+    assert allocated == spec.pool_bytes + num_blocks * spec.block_bytes
+    assert allocated <= 4 * 2 ** 20
+
+
+def test_config_rejects_bad_kv_settings():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        CacheConfig(kv_cache_dtype="int3")
+    with pytest.raises(ValueError, match="kv_window"):
+        CacheConfig(kv_window=-1)
+    with pytest.raises(ValueError, match="bits must fall"):
+        CacheConfig(kv_staircase="128:16,256:2,inf:4")
+    with pytest.raises(ValueError, match="no room"):  # the pinned part of the window pool alone is too big
+        kv_cache_spec("int4", SHAPE, 30, 128, [], max_num_seqs=256, max_num_batched_tokens=2048,
+                      budget_bytes=2 ** 20).num_blocks(2 ** 20)
+
+
+def test_stair_pools_take_at_most_half_the_budget_past_the_pinned_blocks():
+    budget = 2 ** 30
+    spec = kv_cache_spec("saq", KVShape(3, 16, 64, torch.bfloat16), 30, 128,
+                         parse_staircase("128:16,1024:8,4096:4,inf:2"), max_num_seqs=256,
+                         max_num_batched_tokens=2048, budget_bytes=budget)
+    assert budget / 2 * 0.99 <= spec.pool_bytes <= budget / 2
+    assert spec.stair_slots[0] >= 2048 // 16 + 2 * 256
+    assert spec.num_blocks(budget) > 0
