@@ -9,6 +9,7 @@ from models.hf_config import TransformerConfig
 from models.llama import LlamaForCausalLM, LlamaVariant
 from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from models.prmoe import prmoe_moe_config
+from models.step3 import step3_moe_config, step3_variant
 
 ModelFactory = Callable[[TransformerConfig, int], nn.Module]
 
@@ -26,6 +27,8 @@ _REGISTRY: dict[str, ModelFactory] = {
     "DeepseekForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg)),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
     "PRMoEForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg)),
+    # Step-3: MFA attention (low-rank query, one KV head) + shared-expert MoE; see models/step3.py.
+    "Step3TextForCausalLM": lambda cfg, n: LlamaForCausalLM(cfg, step3_variant(cfg), n, step3_moe_config(cfg)),
 }
 
 
