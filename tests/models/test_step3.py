@@ -185,3 +185,15 @@ def test_checkpoint_with_wrong_expert_count_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"checkpoint tensor 'model\.layers\.1\.moe\.[a-z_.]+' has shape \(4, "):
         LLM(str(tmp_path), dtype="float32")
+
+
+def test_step3_through_afd_1a1f_equals_reference(tmp_path):
+    """The FFN worker runs the dense MLPs and the shared + routed experts; routing travels with ffn_input."""
+    w, cfg = make_tiny_step3(tmp_path)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=16, afd="1A1F", micro_batches=2, afd_transport="shm")
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == [reference_greedy(w, cfg, p, NEW_TOKENS) for p in PROMPTS]
