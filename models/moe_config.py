@@ -30,7 +30,7 @@ class MoEConfig:
     hf_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # ... after these HF -> ours substring renames.
     hf_renames: tuple[tuple[str, str], ...] = ()
-    # Step-3: one tensor per projection holds all E experts, `<layer>.mlp.<name>.weight` [E, rows, cols] (after renames).
+    # Step-3: one tensor per projection holds all E experts: `<layer>.mlp.<name>.weight` [E, rows, cols] after renames.
     hf_experts_stacked: bool = False
     # DeepSpeed Residual-MoE: a dense MLP of this width beside the routed experts, mixed by a learned 2-way softmax
     # (models/layers/moe.py). 0: none.

@@ -50,9 +50,9 @@ def step3_variant(cfg: TransformerConfig) -> LlamaVariant:
     share_q_dim = raw.get("share_q_dim")
     if not isinstance(share_q_dim, int) or share_q_dim <= 0:
         raise ValueError(f"a Step-3 config needs 'share_q_dim' (the low-rank query width), got {share_q_dim!r}")
-    kv_heads = raw.get("num_attention_groups", 1)
-    if kv_heads != 1 or cfg.num_kv_heads != 1:
-        raise ValueError(f"Step-3 MFA has one KV head: 'num_attention_groups' must be 1, got {kv_heads}")
+    if cfg.num_kv_heads != 1:  # hf_config reads num_attention_groups; without it, KV heads default to the q heads
+        raise ValueError(f"Step-3 MFA has one KV head: the config must set 'num_attention_groups' to 1 "
+                         f"(got {cfg.num_kv_heads} KV heads)")
     if cfg.head_dim % 2:
         raise ValueError(f"RoPE over the whole head needs an even head_dim, got {cfg.head_dim}")
     return LlamaVariant(share_q_dim=share_q_dim)

@@ -93,7 +93,9 @@ def make_tiny_step3(directory, seed: int = 0, **overrides) -> tuple[dict, dict]:
     norm = lambda n: rand(n, std=0.1, mean=1.0)  # noqa: E731
 
     def mlp(prefix, inter, *experts):
-        return {f"{prefix}gate_proj.weight": rand(*experts, inter, H), f"{prefix}up_proj.weight": rand(*experts, inter, H),
+        """A SwiGLU MLP's projections; with `experts` = (E,), all E experts stacked in one tensor each."""
+        return {f"{prefix}gate_proj.weight": rand(*experts, inter, H),
+                f"{prefix}up_proj.weight": rand(*experts, inter, H),
                 f"{prefix}down_proj.weight": rand(*experts, H, inter)}
 
     w = {"model.embed_tokens.weight": rand(V, H, std=1.0), "model.norm.weight": norm(H), "lm_head.weight": rand(V, H)}
@@ -161,7 +163,8 @@ def test_step3_batched_greedy_equals_reference(tiny_step3):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(num_attention_groups=2), "one KV head: 'num_attention_groups' must be 1, got 2"),
+    (dict(num_attention_groups=2), r"one KV head: the config must set 'num_attention_groups' to 1 \(got 2 KV heads"),
+    (dict(num_attention_groups=None), r"'num_attention_groups' to 1 \(got 4 KV heads"),
     (dict(share_q_dim=None), "needs 'share_q_dim'"),
     (dict(moe_layers_enum=None), "lacks 'moe_layers_enum'"),
     (dict(moe_layers_enum="1,5"), r"moe_layers_enum \[5\] outside the model's 3 layers"),
