@@ -1,6 +1,6 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3) and its MoE members (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeekMoE,
-and our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py):
-pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
+our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py, and Step-3, models/step3.py, whose attention is
+MFA, models/layers/mfa.py): pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
 Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
     attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
@@ -20,6 +20,7 @@ from kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAtt
 from models.hf_config import TransformerConfig
 from kernels.cpu_linear import can_prepack, linear, prepack
 from models.layers.linear import Linear
+from models.layers.mfa import MFAttention
 from models.layers.mlp import GatedMLP
 from models.layers.moe import MoEBlock
 from models.layers.moe_router import Router, Routing
@@ -33,6 +34,7 @@ class LlamaVariant:
     """What distinguishes the family's members, chosen by the config's architecture name in registry.py."""
     qkv_bias: bool = False  # Qwen2 always; Llama when config.attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    share_q_dim: int = 0  # Step-3: MFA attention with a low-rank query of this width (models/layers/mfa.py)
 
 
 class LlamaAttention(nn.Module):
@@ -41,6 +43,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_sizes = [self.q_size, self.kv_size, self.kv_size]  # rows of the fused projection
         self.scale = self.head_dim ** -0.5
         bias = variant.qkv_bias or cfg.attention_bias
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
@@ -51,7 +54,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -67,7 +70,8 @@ class LlamaDecoderLayer(nn.Module):
                  moe: MoEConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, variant, attention)
+        self.self_attn = (MFAttention(cfg, variant.share_q_dim, attention) if variant.share_q_dim else
+                          LlamaAttention(cfg, variant, attention))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if moe is None:
             self.router = None
@@ -108,6 +112,7 @@ class LlamaForCausalLM(nn.Module):
     # (ours, theirs, shard index); both set per instance for MoE models (see models/loader.py).
     param_renames: list[tuple[str, str]] = []
     expert_params: list[tuple[str, str, int]] = []
+    experts_stacked = False  # the checkpoint holds all experts of a projection in one tensor (models/loader.py)
     # Parameters (name suffixes) that stay fp32 whatever the model dtype (models/loader.cast_model).
     fp32_params: tuple[str, ...] = ()
 
@@ -126,6 +131,7 @@ class LlamaForCausalLM(nn.Module):
             self.param_renames = [*moe.hf_renames, ("mlp.gate.weight", "router.gate.weight")]
             gate, up, down = moe.hf_expert_names
             self.expert_params = [("w13", gate, 0), ("w13", up, 1), ("w2", down, 0)]
+            self.experts_stacked = moe.hf_experts_stacked
             fp32_gate = ("router.gate.weight",) if moe.router_fp32 else ()
             self.fp32_params = ("router.e_score_correction_bias", *fp32_gate)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
@@ -135,9 +141,8 @@ class LlamaForCausalLM(nn.Module):
 
     def shard_sizes(self, fused_name: str, rows: int) -> list[int]:
         """Row counts of the HF tensors stacked into one fused parameter of `rows` rows."""
-        attn = self.layers[0].self_attn
         if fused_name == "qkv_proj":
-            return [attn.q_size, attn.kv_size, attn.kv_size]
+            return list(self.layers[0].self_attn.qkv_sizes)
         return [rows // 2] * 2  # gate_up_proj: dense MLPs and shared experts differ in width
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -32,6 +32,7 @@ def load_weights(model: nn.Module, weights) -> None:
     `param_renames` [(theirs, ours)]: substring renames applied to each HF name first;
     `expert_params` [(ours, theirs, shard)]: `<p>.experts.<e>.<theirs>.weight` goes to expert e of the stacked
         parameter `<p>.experts.<ours>` ([E, rows, cols]), rows split evenly between the shards of `ours`;
+        with `experts_stacked` (Step-3), `<p>.<theirs>.weight` [E, rows, cols] holds all E experts at once;
     `stacked_params` [(ours, theirs, shard)] with `shard_sizes(ours, rows)`: HF tensors fused along rows."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -53,9 +54,12 @@ def load_weights(model: nn.Module, weights) -> None:
 
 
 _EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<part>[^.]+)\.weight$")
+_STACKED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>.+)\.(?P<part>[^.]+)\.weight$")
 
 
 def _load_expert(model, params: dict, name: str, tensor: torch.Tensor, hf_name: str, loaded: set[str]) -> bool:
+    if getattr(model, "experts_stacked", False):
+        return _load_stacked_experts(model, params, name, tensor, hf_name, loaded)
     expert_params = getattr(model, "expert_params", [])
     match = _EXPERT_TENSOR.match(name)
     entry = match and next((e for e in expert_params if e[1] == match["part"]), None)
@@ -71,6 +75,23 @@ def _load_expert(model, params: dict, name: str, tensor: torch.Tensor, hf_name: 
     rows = param.shape[1] // _num_expert_shards(expert_params, ours)
     _copy(param.data[expert, shard * rows:(shard + 1) * rows], tensor, hf_name)
     loaded.add(f"{pname}#{expert}.{shard}")
+    return True
+
+
+def _load_stacked_experts(model, params: dict, name: str, tensor: torch.Tensor, hf_name: str,
+                          loaded: set[str]) -> bool:
+    """`<p>.<theirs>.weight` [E, rows, cols] -> all experts of `<p>.experts.<ours>`; False when `<p>` is no MoE
+    block (a dense MLP or a shared expert has projections of the same names)."""
+    match = _STACKED_EXPERTS_TENSOR.match(name)
+    entry = match and next((e for e in model.expert_params if e[1] == match["part"]), None)
+    if not entry or f"{match['prefix']}.experts.{entry[0]}" not in params:
+        return False
+    ours, _, shard = entry
+    pname = f"{match['prefix']}.experts.{ours}"
+    param = params[pname]
+    rows = param.shape[1] // _num_expert_shards(model.expert_params, ours)
+    _copy(param.data[:, shard * rows:(shard + 1) * rows], tensor, hf_name)
+    loaded.update(f"{pname}#{expert}.{shard}" for expert in range(param.shape[0]))
     return True
 
 

@@ -4,6 +4,7 @@ Placement rules (which decoder layers are MoE; the others keep a dense MLP of wi
     Mixtral:        every layer
     Qwen2/3-MoE:    i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
     DeepSeek(MoE):  i >= first_k_dense_replace and i % moe_layer_freq == 0
+    Step-3:         i in moe_layers_enum  (models/step3.py)
     PRMoE:          `moe_layers`, or (i + 1) % moe_layer_freq == 0  (models/prmoe.py documents the format)
 Pyramid MoE (PRMoE): each MoE layer may have its own expert count (`layer_num_experts`); `for_layer(i)` gives the
 config one decoder layer is built from.
@@ -29,6 +30,8 @@ class MoEConfig:
     hf_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # ... after these HF -> ours substring renames.
     hf_renames: tuple[tuple[str, str], ...] = ()
+    # Step-3: one tensor per projection holds all E experts: `<layer>.mlp.<name>.weight` [E, rows, cols] after renames.
+    hf_experts_stacked: bool = False
     # DeepSpeed Residual-MoE: a dense MLP of this width beside the routed experts, mixed by a learned 2-way softmax
     # (models/layers/moe.py). 0: none.
     residual_intermediate_size: int = 0
@@ -59,7 +62,7 @@ class MoEConfig:
 
 def mixtral_moe_config(cfg: TransformerConfig) -> MoEConfig:
     raw = cfg.raw
-    _check_silu(raw)
+    check_silu(raw)
     router = RouterConfig(num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"], renormalize=True)
     return MoEConfig(router=router, intermediate_size=cfg.intermediate_size,
                      moe_layers=frozenset(range(cfg.num_layers)),
@@ -69,7 +72,7 @@ def mixtral_moe_config(cfg: TransformerConfig) -> MoEConfig:
 def qwen_moe_config(cfg: TransformerConfig) -> MoEConfig:
     """Qwen2-MoE and Qwen3-MoE (the latter without a shared expert)."""
     raw = cfg.raw
-    _check_silu(raw)
+    check_silu(raw)
     num_experts = raw.get("num_experts", raw.get("num_local_experts"))
     router = RouterConfig(num_experts=num_experts, top_k=raw["num_experts_per_tok"],
                           renormalize=bool(raw.get("norm_topk_prob", False)))
@@ -86,7 +89,7 @@ def deepseek_moe_config(cfg: TransformerConfig) -> MoEConfig | None:
     raw = cfg.raw
     if raw.get("n_routed_experts") is None:
         return None
-    _check_silu(raw)
+    check_silu(raw)
     top_k = raw["num_experts_per_tok"]
     method = raw.get("topk_method") or "greedy"
     norm = bool(raw.get("norm_topk_prob", False))
@@ -109,7 +112,7 @@ def deepseek_moe_config(cfg: TransformerConfig) -> MoEConfig | None:
                                  ("mlp.gate.e_score_correction_bias", "router.e_score_correction_bias")))
 
 
-def _check_silu(raw: dict) -> None:
+def check_silu(raw: dict) -> None:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"unsupported MoE expert activation {act!r}; supported: 'silu'")

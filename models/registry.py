@@ -10,6 +10,7 @@ from models.hf_config import TransformerConfig
 from models.llama import LlamaForCausalLM, LlamaVariant
 from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from models.prmoe import prmoe_moe_config
+from models.step3 import step3_moe_config, step3_variant
 
 # (config, max positions, attention backend or None for the torch reference) -> model
 ModelFactory = Callable[[TransformerConfig, int, AttentionBackend | None], nn.Module]
@@ -29,6 +30,8 @@ _REGISTRY: dict[str, ModelFactory] = {
     "DeepseekForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg), a),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
     "PRMoEForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg), a),
+    # Step-3: MFA attention (low-rank query, one KV head) + shared-expert MoE; see models/step3.py.
+    "Step3TextForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, step3_variant(cfg), n, step3_moe_config(cfg), a),
 }
 
 

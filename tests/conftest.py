@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 (imported once per session into a temp cache) and tiny random models made
-with transformers' save_pretrained, with transformers as the oracle."""
+with transformers' save_pretrained, with transformers as the oracle; plain-torch layer references for the models
+transformers lacks (PRMoE, Step-3)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 
 from models.model_path import resolve_model_path
@@ -119,3 +121,38 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
             hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
             logits = runner.model.compute_logits(hidden)
             assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)
+
+
+# ---- plain-torch references written from the math (no engine code), for models without a transformers oracle -----
+
+def swiglu(x, gate, up, down):
+    return down @ (F.silu(gate @ x) * (up @ x))
+
+
+def moe_token(x, gate_w, experts, top_k, renormalize, residual=None):
+    """One token through an MoE layer. experts: [(gate, up, down)]; residual: (gate, up, down, coef_w, coef_b)."""
+    probs = torch.softmax(gate_w @ x, dim=0)
+    chosen = sorted(range(len(experts)), key=lambda e: (-probs[e].item(), e))[:top_k]
+    weights = [probs[e] for e in chosen]
+    if renormalize:
+        weights = [w / sum(weights) for w in weights]
+    out = sum(w * swiglu(x, *experts[e]) for w, e in zip(weights, chosen))
+    if residual is None:
+        return out
+    *mlp, coef_w, coef_b = residual
+    c = torch.softmax(coef_w @ x + coef_b, dim=0)
+    return out * c[0] + swiglu(x, *mlp) * c[1]
+
+
+def rms_norm(x, weight, eps):
+    return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rope(x, positions, theta):
+    """x [T, heads, d], neox layout (the two halves rotate together)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    angles = positions[:, None].float() * inv_freq
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * cos + rotated * sin

@@ -11,10 +11,9 @@ import math
 import httpx
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import write_byte_tokenizer
+from conftest import moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
 from engine import LLM, SamplingParams
 from models.hf_config import load_transformer_config
 from models.layers.moe import MoEBlock
@@ -31,40 +30,7 @@ PROMPTS = [[5, 17, 99, 3, 41, 8], list(range(10, 30)), [7]]
 NEW_TOKENS = 8
 
 
-# ---- the naive reference, token by token --------------------------------------------------------------------------
-
-def swiglu(x, gate, up, down):
-    return down @ (F.silu(gate @ x) * (up @ x))
-
-
-def moe_token(x, gate_w, experts, top_k, renormalize, residual=None):
-    """One token through an MoE layer. experts: [(gate, up, down)]; residual: (gate, up, down, coef_w, coef_b)."""
-    probs = torch.softmax(gate_w @ x, dim=0)
-    chosen = sorted(range(len(experts)), key=lambda e: (-probs[e].item(), e))[:top_k]
-    weights = [probs[e] for e in chosen]
-    if renormalize:
-        weights = [w / sum(weights) for w in weights]
-    out = sum(w * swiglu(x, *experts[e]) for w, e in zip(weights, chosen))
-    if residual is None:
-        return out
-    *mlp, coef_w, coef_b = residual
-    c = torch.softmax(coef_w @ x + coef_b, dim=0)
-    return out * c[0] + swiglu(x, *mlp) * c[1]
-
-
-def rms_norm(x, weight, eps):
-    return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
-
-
-def rope(x, positions, theta):
-    """x [T, heads, d], neox layout (the two halves rotate together)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
-    angles = positions[:, None].float() * inv_freq
-    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
-    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
-    return x * cos + rotated * sin
-
+# ---- the naive reference of the whole model (swiglu, moe_token, rms_norm, rope: tests/conftest.py) ------------
 
 def reference_logits(w: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
     """Logits [T, V] of the whole PRMoE model on one sequence, from the HF-named weights."""
