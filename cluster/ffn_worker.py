@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.moe_parallel import MoEParallelPlanner
 from cluster.stage_timer import StageTimer
 from cluster.step_header import STOP, decode_header, empty_header
 from cluster.worker_common import build_transport, load_worker_model
@@ -31,6 +32,8 @@ class FFNWorker:
         self.threads = threads
         self.rank = rank
         self.model = load_worker_model(config, model_dir, model_config, max_model_len)
+        # Several FFN workers: each holds a shard, and MoE passes run expert-parallel or expert-sliced.
+        self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         if num_ffn_workers > 1:
             for layer in self.model.layers:
                 layer.mlp.shard_(ffn_index, num_ffn_workers)
@@ -86,12 +89,20 @@ class FFNWorker:
                     if k:
                         ids.append(recv((n, k), torch.int64, peer))
                         weights.append(recv((n, k), torch.float32, peer))
-                routing = Routing(_cat(ids), _cat(weights)) if k else None
+                routing = self._routing(layer, _cat(ids), _cat(weights)) if k else None
                 out = timer.compute(layer.ffn_half, _cat(inputs), routing)
                 for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
                     timer.send(transport.send, rows, peer)
         transport.flush()
         timer.step_done(len(self.model.layers))
+
+
+    def _routing(self, layer, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Routing:
+        if self.planner is None:
+            return Routing(topk_ids, topk_weights)
+        sliced = self.planner.expert_sliced(topk_ids, layer.mlp.experts.num_global_experts)
+        self.timer.count_moe_pass(sliced)
+        return Routing(topk_ids, topk_weights, sliced)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,8 @@ class StageTimes:
     compute_s: float = 0.0  # inside this worker's halves
     send_s: float = 0.0  # inside send calls
     wait_s: float = 0.0  # blocked in recv: the other side's compute plus the transfer
+    moe_ep_passes: int = 0  # sharded MoE layer passes run expert-parallel / expert-sliced (FFN workers, y > 1)
+    moe_sliced_passes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +45,12 @@ class StageTimer:
         self.times.wait_s += self._clock() - start
         return out
 
+    def count_moe_pass(self, expert_sliced: bool) -> None:
+        if expert_sliced:
+            self.times.moe_sliced_passes += 1
+        else:
+            self.times.moe_ep_passes += 1
+
     def step_done(self, num_layers: int) -> None:
         self.times.steps += 1
         self.times.layers += num_layers
@@ -66,4 +74,6 @@ def summarize(attention: dict, ffn: dict) -> dict:
         "ffn_wait_ms_per_layer": per_layer_ms(ffn, "wait_s"),
         "attention_bubble": bubble(attention),
         "ffn_bubble": bubble(ffn),
+        "moe_ep_passes": ffn["moe_ep_passes"],
+        "moe_sliced_passes": ffn["moe_sliced_passes"],
     }

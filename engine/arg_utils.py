@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--micro-batches", type=int, default=2)
     a.add_argument("--ray-address", default=None, help="default: start a local Ray; 'auto' joins a running one")
     a.add_argument("--afd-transport", default="gloo", choices=["gloo", "shm"])
+    a.add_argument("--moe-parallel", default="adaptive", choices=["ep", "sliced", "adaptive"],
+                   help="with several FFN workers, how MoE experts run: expert-parallel, expert-sliced, or chosen "
+                        "per layer pass from the routed load")
     a.add_argument("--threads-per-worker", type=int, default=None)
 
 
@@ -45,4 +48,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_window=args.kv_window, kv_staircase=args.kv_staircase, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir, afd=args.afd,
         micro_batches=args.micro_batches, ray_address=args.ray_address, afd_transport=args.afd_transport,
-        threads_per_worker=args.threads_per_worker, attention_backend=args.attention_backend)
+        threads_per_worker=args.threads_per_worker, attention_backend=args.attention_backend,
+        moe_parallel=args.moe_parallel)

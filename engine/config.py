@@ -102,10 +102,13 @@ class ParallelConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     transport: str = "gloo"  # the A<->F data plane: "gloo" (torch.distributed) or "shm" (shared memory, one host)
     threads_per_worker: int | None = None  # torch threads per worker; None: the host's cores split evenly
+    moe_parallel: str = "adaptive"  # y > 1 FFN workers: "ep", "sliced", or chosen per layer pass (cluster/moe_parallel.py)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.moe_parallel not in ("ep", "sliced", "adaptive"):
+            raise ValueError(f"moe_parallel must be ep, sliced or adaptive, got {self.moe_parallel!r}")
         if self.transport not in ("gloo", "shm"):
             raise ValueError(f"transport must be gloo or shm, got {self.transport!r}")
         if self.afd is not None:

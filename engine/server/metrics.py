@@ -146,6 +146,13 @@ class _EngineStatsCollector:
                              ("transfer", "AFD: time in send calls (both sides) per layer and step")):
                 yield family(GaugeMetricFamily, f"afd_{key}_seconds_per_layer", doc + ", mean since start.",
                              afd[f"{key}_ms_per_layer"] / 1000)
+            modes = CounterMetricFamily(PREFIX + "afd_moe_layer_passes",
+                                        "AFD: sharded MoE layer passes by how they ran (expert-parallel or "
+                                        "expert-sliced, chosen per pass from the routed load).",
+                                        labels=["model_name", "mode"])
+            modes.add_metric([self.model_name, "expert_parallel"], afd["moe_ep_passes"])
+            modes.add_metric([self.model_name, "expert_sliced"], afd["moe_sliced_passes"])
+            yield modes
             for side in ("attention", "ffn"):
                 yield family(GaugeMetricFamily, f"afd_{side}_bubble_ratio",
                              f"AFD: fraction of the {side} workers' busy time spent waiting for the other side.",

@@ -6,9 +6,13 @@
         coef = softmax(coefficient(x))   [T, 2], Linear(H, 2) with bias, in fp32
         MoEBlock(x, routing) = Experts(x, ...) * coef[:, 0] + residual_mlp(x) * coef[:, 1]
 
-Expert parallelism (AFD with several FFN workers): `shard_` keeps a contiguous range of experts and a slice of the
-shared expert / residual MLP; routed copies for other workers' experts are skipped, and the workers' outputs sum to
-the whole block's (every term is linear in the parts, the per-token gate and mixing coefficients included).
+Sharding (AFD with several FFN workers), one layout for two ways of running the routed experts (Tutel's adaptive
+parallelism, ../shared/specs/moe.md §3.2): `shard_` keeps worker f's contiguous range of whole experts AND slice f
+of every expert's intermediate dimension. A pass runs either expert-parallel (whole local experts; copies routed
+to other workers' experts are skipped) or expert-sliced (every routed copy, at 1/world of the width) — chosen per
+pass from the routed load, with no weight moved. The price is memory: about 2/world of the experts per worker
+instead of 1/world. The shared expert / residual MLP are always sliced. Either way the workers' outputs sum to the
+whole block's (every term is linear in the parts, the per-token gate and mixing coefficients included).
 
 Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
 FFN worker unchanged (ARCHITECTURE.md, seam 1); the residual coefficient needs only x, so it is computed here.
@@ -35,10 +39,19 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.num_global_experts = num_experts  # the router's id space; w13/w2 hold experts [offset, offset + E_local)
         self.expert_offset = 0
+        self.w13_sliced: torch.Tensor | None = None  # after shard_: [E, 2 * I_slice, H], this worker's slice of each
+        self.w2_sliced: torch.Tensor | None = None  # [E, H, I_slice]
         # Tokens (token copies, T*k in all) each expert received in the last forward: balancing / AFD planner input.
         self.last_tokens_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                expert_sliced: bool = False) -> torch.Tensor:
+        if expert_sliced:
+            if self.w13_sliced is None:
+                raise ValueError("an expert-sliced pass needs a sharded MoE block (shard_)")
+            out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13_sliced, self.w2_sliced,
+                                                                              topk_ids, topk_weights)
+            return out
         num_local = self.w13.shape[0]
         if num_local != self.num_global_experts:
             if x.device.type != "cpu":
@@ -49,7 +62,12 @@ class Experts(nn.Module):
         return out
 
     def shard_(self, rank: int, world: int) -> None:
-        """Keeps experts [lo, hi) of `rank` out of `world`, in place."""
+        """Keeps experts [lo, hi) of `rank` out of `world` whole, and slice `rank` of every expert, in place."""
+        inter = self.w2.shape[2]
+        s_lo, s_hi = shard_range(inter, rank, world)
+        w13 = self.w13.detach()
+        self.w13_sliced = torch.cat([w13[:, s_lo:s_hi], w13[:, inter + s_lo:inter + s_hi]], dim=1)
+        self.w2_sliced = self.w2.detach()[:, :, s_lo:s_hi].contiguous()
         lo, hi = shard_range(self.num_global_experts, rank, world)
         self.w13 = nn.Parameter(self.w13.detach()[lo:hi].clone(), requires_grad=False)
         self.w2 = nn.Parameter(self.w2.detach()[lo:hi].clone(), requires_grad=False)
@@ -72,7 +90,7 @@ class MoEBlock(nn.Module):
         self.coefficient = Linear(hidden_size, 2, bias=True) if residual_intermediate_size else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        out = self.experts(x, routing.topk_ids, routing.topk_weights)
+        out = self.experts(x, routing.topk_ids, routing.topk_weights, routing.expert_sliced)
         if self.residual_mlp is not None:
             return self._mix_residual(x, out)
         if self.shared_expert is not None:

@@ -81,17 +81,22 @@ def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("afd", ["1A2F", "2A2F"])
-def test_afd_expert_parallel_moe_equals_local(tmp_path, afd):
-    """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) with its experts split over two FFN
-    workers and its shared expert / dense MLP sliced between them."""
+@pytest.mark.parametrize("afd, moe_parallel", [("1A2F", "ep"), ("1A2F", "sliced"), ("2A2F", "adaptive")])
+def test_afd_sharded_moe_equals_local(tmp_path, afd, moe_parallel):
+    """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) over two FFN workers: experts run
+    expert-parallel, expert-sliced, or either per pass; the shared expert / dense MLP are sliced."""
     make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                     moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1])
     expected = [o.outputs[0].token_ids for o in
                 LLM(str(tmp_path), dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)]
-    llm = LLM(str(tmp_path), dtype="float32", afd=afd, micro_batches=2, afd_transport="shm")
+    llm = LLM(str(tmp_path), dtype="float32", afd=afd, micro_batches=2, afd_transport="shm",
+              moe_parallel=moe_parallel)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        times = llm.engine.core.executor.stage_times()
+        ep, sliced = times["moe_ep_passes"], times["moe_sliced_passes"]
+        assert ep + sliced > 0
+        assert {"ep": sliced == 0, "sliced": ep == 0, "adaptive": True}[moe_parallel]
     finally:
         llm.engine.shutdown()
 

@@ -35,6 +35,12 @@ def _sum_of_shards(module, world: int, *args) -> torch.Tensor:
     return total
 
 
+def _weights(module) -> dict[str, int]:
+    tensors = dict(module.named_parameters())
+    tensors.update(w13_sliced=module.experts.w13_sliced, w2_sliced=module.experts.w2_sliced)
+    return {name: t.data_ptr() for name, t in tensors.items()}
+
+
 def _routing(seed=1) -> Routing:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
@@ -59,6 +65,40 @@ def test_moe_block_expert_parallel_shards_sum_to_the_whole(world, kind):
     block = _randomize(MoEBlock(H, E, 12, **extra))
     x, routing = torch.randn(T, H), _routing()
     torch.testing.assert_close(_sum_of_shards(block, world, x, routing), block(x, routing), atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_shard_layout_serves_expert_parallel_and_expert_sliced_passes(world):
+    """Tutel's identical layout: the same shards, without moving a weight, run either way and sum to the whole."""
+    block = _randomize(MoEBlock(H, E, 12, shared_intermediate_size=20, shared_expert_gate=True))
+    x, routing = torch.randn(T, H), _routing()
+    whole = block(x, routing)
+    shards = [copy.deepcopy(block) for _ in range(world)]
+    for rank, shard in enumerate(shards):
+        shard.shard_(rank, world)
+    before = [_weights(s) for s in shards]
+    for sliced in (True, False, True):  # ends on a sliced pass, whose counts are checked below
+        passes = [s(x, routing._replace(expert_sliced=sliced)) for s in shards]
+        torch.testing.assert_close(sum(passes), whole, atol=1e-5, rtol=1e-5)
+    assert [_weights(s) for s in shards] == before
+    # Expert-sliced: every worker ran every routed copy (at a slice of the width).
+    counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=E)
+    assert all(torch.equal(s.experts.last_tokens_per_expert, counts) for s in shards)
+
+
+def test_planner_picks_sliced_for_skewed_routing_only():
+    from cluster.moe_parallel import MoEParallelPlanner, worker_imbalance
+    balanced = torch.tensor([[0, 3], [1, 4], [2, 5], [3, 0]])  # experts 0-2 on worker 0, 3-5 on worker 1
+    skewed = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3]])  # 7 of 8 copies on worker 0
+    assert worker_imbalance(balanced, E, 2) == 1.0
+    assert worker_imbalance(skewed, E, 2) == pytest.approx(7 / 4)
+    adaptive = MoEParallelPlanner(2, "adaptive", threshold=1.5)
+    assert not adaptive.expert_sliced(balanced, E) and adaptive.expert_sliced(skewed, E)
+    assert MoEParallelPlanner(2, "sliced").expert_sliced(balanced, E)
+    assert not MoEParallelPlanner(2, "ep").expert_sliced(skewed, E)
+    with pytest.raises(ValueError, match="moe_parallel must be one of"):
+        MoEParallelPlanner(2, "tp")
 
 
 @torch.inference_mode()
