@@ -89,20 +89,22 @@ class FFNWorker:
                     if k:
                         ids.append(recv((n, k), torch.int64, peer))
                         weights.append(recv((n, k), torch.float32, peer))
-                routing = self._routing(layer, _cat(ids), _cat(weights)) if k else None
-                out = timer.compute(layer.ffn_half, _cat(inputs), routing)
+                routing = Routing(_cat(ids), _cat(weights)) if k else None
+                sliced = routing is not None and self._expert_sliced(layer, routing)
+                out = timer.compute(layer.ffn_half, _cat(inputs), routing, sliced)
                 for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
                     timer.send(transport.send, rows, peer)
         transport.flush()
         timer.step_done(len(self.model.layers))
 
 
-    def _routing(self, layer, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Routing:
+    def _expert_sliced(self, layer, routing: Routing) -> bool:
+        """How this MoE pass runs over the FFN shards (always expert-parallel, trivially, for one FFN worker)."""
         if self.planner is None:
-            return Routing(topk_ids, topk_weights)
-        sliced = self.planner.expert_sliced(topk_ids, layer.mlp.experts.num_global_experts)
+            return False
+        sliced = self.planner.expert_sliced(routing.topk_ids, layer.mlp.experts.num_global_experts)
         self.timer.count_moe_pass(sliced)
-        return Routing(topk_ids, topk_weights, sliced)
+        return sliced
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -94,12 +94,13 @@ class LlamaDecoderLayer(nn.Module):
         routing = None if self.router is None else self.router(ffn_input)
         return ffn_input, residual, routing
 
-    def ffn_half(self, ffn_input: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+    def ffn_half(self, ffn_input: torch.Tensor, routing: Routing | None = None,
+                 expert_sliced: bool = False) -> torch.Tensor:
         if self.router is None:
             return self.mlp(ffn_input)
         if routing is None:
             raise ValueError("an MoE layer's FFN half needs the routing computed by its attention half")
-        return self.mlp(ffn_input, routing)
+        return self.mlp(ffn_input, routing, expert_sliced)
 
 
 class LlamaForCausalLM(nn.Module):

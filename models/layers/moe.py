@@ -89,8 +89,10 @@ class MoEBlock(nn.Module):
         self.residual_mlp = GatedMLP(hidden_size, residual_intermediate_size) if residual_intermediate_size else None
         self.coefficient = Linear(hidden_size, 2, bias=True) if residual_intermediate_size else None
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        out = self.experts(x, routing.topk_ids, routing.topk_weights, routing.expert_sliced)
+    def forward(self, x: torch.Tensor, routing: Routing, expert_sliced: bool = False) -> torch.Tensor:
+        """expert_sliced: on a sharded block, run this pass's experts sliced instead of expert-parallel (AFD with
+        several FFN workers; cluster/moe_parallel.py chooses per pass)."""
+        out = self.experts(x, routing.topk_ids, routing.topk_weights, expert_sliced)
         if self.residual_mlp is not None:
             return self._mix_residual(x, out)
         if self.shared_expert is not None:

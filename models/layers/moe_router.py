@@ -42,9 +42,6 @@ class Routing(NamedTuple):
     """What the attention half hands the FFN half of an MoE layer (the A->F message's routing part)."""
     topk_ids: torch.Tensor  # [T, k] int64 expert ids
     topk_weights: torch.Tensor  # [T, k] fp32 combine weights
-    # AFD with several FFN workers: run this pass expert-sliced (every worker, its slice of every routed expert)
-    # instead of expert-parallel (each worker, its whole experts). Chosen per pass by cluster/moe_parallel.py.
-    expert_sliced: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,28 +3,15 @@ correctness checks and config sweep run on tiny shapes under the Triton interpre
 
 TRITON_INTERPRET is set around the import of triton_paged and around the tests, as in tests/kernels/test_triton_moe.py.
 """
-import importlib
-import os
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    if INTERPRET and "kernels.attention.triton_paged" in sys.modules:  # decorated earlier without the interpreter
-        importlib.reload(sys.modules["kernels.attention.triton_paged"])
-    from kernels.attention import triton_paged  # noqa: E402,F401  (the check imports it lazily: this copy)
-finally:
-    if _saved_interpret is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_interpret
+pytest.importorskip("triton")
+from kernels.triton_interpret import INTERPRET, import_triton_module  # noqa: E402
+
+triton_paged = import_triton_module("kernels.attention.triton_paged")
 
 from bench.gpu import attention_kernel_check as check  # noqa: E402
 

@@ -79,7 +79,7 @@ def test_one_shard_layout_serves_expert_parallel_and_expert_sliced_passes(world)
         shard.shard_(rank, world)
     before = [_weights(s) for s in shards]
     for sliced in (True, False, True):  # ends on a sliced pass, whose counts are checked below
-        passes = [s(x, routing._replace(expert_sliced=sliced)) for s in shards]
+        passes = [s(x, routing, expert_sliced=sliced) for s in shards]
         torch.testing.assert_close(sum(passes), whole, atol=1e-5, rtol=1e-5)
     assert [_weights(s) for s in shards] == before
     # Expert-sliced: every worker ran every routed copy (at a slice of the width).

@@ -13,28 +13,14 @@ TRITON_INTERPRET is set only around this module's import of triton_paged and aro
 test_triton_moe.py. With CUDA the compiled kernels run on the GPU (bench/gpu/attention_kernel_check.py runs this file
 there) and the engine test, which runs the CPU engine, is skipped.
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    if INTERPRET and "kernels.attention.triton_paged" in sys.modules:  # decorated earlier without the interpreter
-        importlib.reload(sys.modules["kernels.attention.triton_paged"])
-    from kernels.attention import triton_paged  # noqa: E402
-finally:
-    if _saved_interpret is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_interpret
+pytest.importorskip("triton")
+from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module  # noqa: E402
+
+triton_paged = import_triton_module("kernels.attention.triton_paged")
 
 from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
 from kernels.attention.torch_paged import decode_attention, prefill_attention  # noqa: E402

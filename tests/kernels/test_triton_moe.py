@@ -10,28 +10,14 @@ decorated and by the interpreter while it runs, so it is set only around this mo
 triton, if this is the first import) and around its tests; other modules see the environment unchanged. With CUDA the
 variable is never set and the compiled kernel runs on the GPU (bench/gpu/moe_kernel_check.py adds timings).
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    if INTERPRET and "kernels.moe.triton_moe" in sys.modules:  # decorated earlier without the interpreter: again
-        importlib.reload(sys.modules["kernels.moe.triton_moe"])
-    from kernels.moe import triton_moe  # noqa: E402
-finally:
-    if _saved_interpret is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_interpret
+pytest.importorskip("triton")
+from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module  # noqa: E402
+
+triton_moe = import_triton_module("kernels.moe.triton_moe")
 
 from kernels.moe import fused_experts_torch, moe_reference, select_moe_impl  # noqa: E402
 from models.layers.moe_router import RouterConfig, select_experts  # noqa: E402
