@@ -158,9 +158,13 @@ class AFDExecutor:
         with self._stage_times_lock:
             pending = self._stage_times_pending
             if pending is not None and len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) == len(pending):
-                times = ray.get(pending)
-                self._latest_stage_times = summarize(times[0], times[len(self.attention)])
-                self._stage_times_pending = pending = None
+                self._stage_times_pending = None
+                try:
+                    times = ray.get(pending)
+                    self._latest_stage_times = summarize(times[0], times[len(self.attention)])
+                except ray.exceptions.RayError:  # a worker died: the step path replaces it; keep the last snapshot
+                    pass
+                pending = None
             if ask and pending is None and time.monotonic() - self._stage_times_asked > STAGE_TIMES_REFRESH_S:
                 self._stage_times_pending = [w.stage_times.remote() for w in [*self.attention, *self.ffn]]
                 self._stage_times_asked = time.monotonic()
