@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import MOE_PARALLEL_POLICIES
 from models.layers.mlp import shard_range
-
-MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")
 
 
 @dataclass(frozen=True)

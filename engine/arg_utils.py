@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.config import KV_CACHE_DTYPES, EngineConfig
+from engine.config import KV_CACHE_DTYPES, MOE_PARALLEL_POLICIES, EngineConfig
 from engine.llm import engine_config
 from kernels.attention import ATTENTION_BACKENDS
 
@@ -34,7 +34,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--micro-batches", type=int, default=2)
     a.add_argument("--ray-address", default=None, help="default: start a local Ray; 'auto' joins a running one")
     a.add_argument("--afd-transport", default="gloo", choices=["gloo", "shm"])
-    a.add_argument("--moe-parallel", default="adaptive", choices=["ep", "sliced", "adaptive"],
+    a.add_argument("--moe-parallel", default="adaptive", choices=MOE_PARALLEL_POLICIES,
                    help="with several FFN workers, how MoE experts run: expert-parallel, expert-sliced, or chosen "
                         "per layer pass from the routed load")
     a.add_argument("--threads-per-worker", type=int, default=None)

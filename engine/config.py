@@ -94,6 +94,9 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")  # cluster/moe_parallel.py
+
+
 @dataclass
 class ParallelConfig:
     """Attention-FFN disaggregation: `afd="1A1F"` runs x attention workers and y FFN workers as Ray actors."""
@@ -107,8 +110,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if self.moe_parallel not in ("ep", "sliced", "adaptive"):
-            raise ValueError(f"moe_parallel must be ep, sliced or adaptive, got {self.moe_parallel!r}")
+        if self.moe_parallel not in MOE_PARALLEL_POLICIES:
+            raise ValueError(f"moe_parallel must be one of {', '.join(MOE_PARALLEL_POLICIES)}, "
+                             f"got {self.moe_parallel!r}")
         if self.transport not in ("gloo", "shm"):
             raise ValueError(f"transport must be gloo or shm, got {self.transport!r}")
         if self.afd is not None:
