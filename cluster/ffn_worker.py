@@ -6,8 +6,9 @@ data-parallel rank with nothing scheduled). Then for every layer and micro-batch
 runs the layer's FFN half once over all of them together — the batching across attention workers that makes the
 FFN side compute-bound (Step-3) — and sends each rank its rows back, in the order the attention workers send.
 
-With y > 1 FFN workers this one holds shard `ffn_index` of `num_ffn_workers`: a contiguous range of experts and a
-slice of every dense MLP (models/layers/mlp.py, moe.py); its outputs are partial sums the attention side adds up.
+With y > 1 FFN workers this one holds shard `ffn_index` of `num_ffn_workers`: a contiguous range of whole experts,
+a slice of every expert and a slice of every dense MLP (models/layers/mlp.py, moe.py); each MoE pass runs
+expert-parallel or expert-sliced (cluster/moe_parallel.py), and its outputs are partial sums the attention side adds.
 """
 from __future__ import annotations
 
