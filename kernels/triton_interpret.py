@@ -1,13 +1,15 @@
-"""Importing a Triton kernel module for a machine without CUDA: under Triton's interpreter (TRITON_INTERPRET=1).
+"""Importing and running a Triton kernel module on a machine without CUDA: under Triton's interpreter.
 
-Triton reads the variable when a kernel is decorated, so the module is imported (or re-imported, if something
-imported it before) with the variable set, and the caller's environment is restored afterwards. Tests use this to
-run the kernels on CPU; on a CUDA machine the module is imported as it is, compiled."""
+Triton reads TRITON_INTERPRET when a kernel is decorated and while the interpreter runs, so the module is imported
+(or re-imported, if something imported it before) inside `interpreter_env()`, and tests run inside it too; the
+caller's environment is restored afterwards. On a CUDA machine nothing is set and the kernels compile."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -16,17 +18,23 @@ INTERPRET = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 
-def import_triton_module(name: str) -> ModuleType:
-    if not INTERPRET:
-        return importlib.import_module(name)
+@contextlib.contextmanager
+def interpreter_env() -> Iterator[None]:
+    """TRITON_INTERPRET=1 for the duration, when there is no CUDA."""
     saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
-        if name in sys.modules:  # decorated earlier without the interpreter
-            return importlib.reload(sys.modules[name])
-        return importlib.import_module(name)
+        yield
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+def import_triton_module(name: str) -> ModuleType:
+    with interpreter_env():
+        if INTERPRET and name in sys.modules:  # decorated earlier without the interpreter
+            return importlib.reload(sys.modules[name])
+        return importlib.import_module(name)

@@ -125,6 +125,14 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
 
 # ---- plain-torch references written from the math (no engine code), for models without a transformers oracle -----
 
+def greedy_tokens(next_logits, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding with a reference model's `next_logits(ids) -> [len(ids), V]`, recomputed from scratch."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(next_logits(ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
 def swiglu(x, gate, up, down):
     return down @ (F.silu(gate @ x) * (up @ x))
 

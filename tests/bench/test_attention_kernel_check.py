@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import INTERPRET, import_triton_module  # noqa: E402
+from kernels.triton_interpret import INTERPRET, import_triton_module, interpreter_env  # noqa: E402
 
 triton_paged = import_triton_module("kernels.attention.triton_paged")
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(not INTERPRET, reason="run the check itself on a
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
+    with interpreter_env():
         yield
 
 

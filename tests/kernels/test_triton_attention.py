@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module  # noqa: E402
+from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, interpreter_env  # noqa: E402
 
 triton_paged = import_triton_module("kernels.attention.triton_paged")
 
@@ -28,9 +28,7 @@ from kernels.attention.torch_paged import decode_attention, prefill_attention  #
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        if INTERPRET:
-            mp.setenv("TRITON_INTERPRET", "1")
+    with interpreter_env():
         yield
 
 

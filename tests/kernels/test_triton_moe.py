@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module  # noqa: E402
+from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, interpreter_env  # noqa: E402
 
 triton_moe = import_triton_module("kernels.moe.triton_moe")
 
@@ -28,9 +28,7 @@ SMALL = triton_moe.MoEBlockConfig(block_m=16, block_n=32, block_k=16)  # N=48 / 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        if INTERPRET:
-            mp.setenv("TRITON_INTERPRET", "1")
+    with interpreter_env():
         yield
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
+from conftest import greedy_tokens, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
 from engine import LLM, SamplingParams
 from models.hf_config import load_transformer_config
 from models.layers.moe import MoEBlock
@@ -69,10 +69,7 @@ def _ffn_token(w, cfg, p, num_experts, x):
 
 
 def reference_greedy(w, cfg, prompt, new_tokens):
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        ids.append(int(reference_logits(w, cfg, ids)[-1].argmax()))
-    return ids[len(prompt):]
+    return greedy_tokens(lambda ids: reference_logits(w, cfg, ids), prompt, new_tokens)
 
 
 # ---- the tiny checkpoint --------------------------------------------------------------------------------------------

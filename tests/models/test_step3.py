@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import assert_raw_logits_match, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
+from conftest import greedy_tokens, assert_raw_logits_match, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
 from engine import LLM, SamplingParams
 from models.hf_config import load_transformer_config
 
@@ -75,10 +75,7 @@ def _moe_token(w, cfg, p, x):
 
 
 def reference_greedy(w, cfg, prompt, new_tokens):
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        ids.append(int(reference_logits(w, cfg, ids)[-1].argmax()))
-    return ids[len(prompt):]
+    return greedy_tokens(lambda ids: reference_logits(w, cfg, ids), prompt, new_tokens)
 
 
 # ---- the tiny checkpoint ------------------------------------------------------------------------------------------
