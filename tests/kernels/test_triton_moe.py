@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, interpreter_env  # noqa: E402
+from kernels.triton_interpret import DEVICE, import_triton_module, interpreter_env  # noqa: E402
 
 triton_moe = import_triton_module("kernels.moe.triton_moe")
 
