@@ -170,10 +170,12 @@ class AttentionKernelConfig(NamedTuple):
 
 
 def decode_config(group: int, head_dim: int) -> AttentionKernelConfig:
-    """One query token: rows = the G heads (padded to 16); untuned beyond SGLang's grouped-decode shape (§7.3)."""
+    """One query token: rows = the G heads (padded to 16), SGLang's grouped-decode shape (§7.3). Three pipeline stages:
+    on an H100 at 32K x 64 x 8 KV heads x 128 they took BLOCK_N 64 from 78% to 90% of HBM bandwidth at GQA 4
+    (bench/results/gpu-h100-20261127)."""
     block_m = max(16, triton.next_power_of_2(group))
     wide = block_m * triton.next_power_of_2(head_dim) > 16 * 128  # fp32 accumulator past 16 x 128: more warps
-    return AttentionKernelConfig(block_m, 32 if wide else 64, num_warps=8 if wide else 4)
+    return AttentionKernelConfig(block_m, 32 if wide else 64, num_warps=8 if wide else 4, num_stages=3)
 
 
 def prefill_config(group: int, head_dim: int) -> AttentionKernelConfig:
