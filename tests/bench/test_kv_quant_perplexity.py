@@ -29,8 +29,7 @@ def test_every_kv_dtype_perplexity_on_2048_tokens(smollm2_dir):
     full = ppl["auto"]
     delta = {k: v / full - 1 for k, v in ppl.items()}
     assert abs(delta["int8"]) < 0.005
-    # E4M3 keeps 3 mantissa bits: measured +0.98% here (README), above the 0.5% asked of int8.
-    assert abs(delta["fp8_e4m3"]) < 0.015
+    assert abs(delta["fp8_e4m3"]) < 0.005  # +0.28% measured with rotated keys (+0.98% without; README)
     assert ppl["int4"] != full and abs(delta["int4"]) < 0.05
     assert min(delta["int8"], delta["int4"]) <= delta["saq"] <= max(delta["int8"], delta["int4"]) or \
         abs(delta["saq"]) < 0.05

@@ -7,8 +7,8 @@ import torch
 
 from engine.config import CacheConfig, parse_staircase
 from kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
-                                        TokenScaledStore, absmax_dequant, absmax_quant, minmax_dequant,
-                                        minmax_quant, pack_bits, unpack_bits)
+                                        TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
+                                        minmax_dequant, minmax_quant, pack_bits, rotate_keys, unpack_bits)
 from kernels.attention.kv_tiers import KVStairTable, kv_cache_spec
 
 SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
@@ -43,6 +43,51 @@ def test_fp8_e4m3_round_trip_within_three_mantissa_bits():
     # E4M3: 3 mantissa bits -> relative rounding <= 2^-4; below 2^-6 (subnormals) absolute <= 2^-10, in units of s.
     assert ((y - x).abs() <= (x.abs() * 2 ** -4 + s * 2 ** -10) * 1.001).all()
     assert (y.abs().amax(-1, keepdim=True) <= FP8_E4M3_MAX * s * 1.001).all()
+
+
+def ref_hadamard(n: int) -> torch.Tensor:
+    """Walsh-Hadamard from its closed form: H[i, j] = (-1)^popcount(i & j) / sqrt(n)."""
+    i = torch.arange(n)
+    bits = (i[:, None] & i[None, :])
+    parity = sum((bits >> b) & 1 for b in range(n.bit_length()))
+    return (1 - 2 * (parity % 2)).float() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64, 256])
+def test_hadamard_matches_the_closed_form_and_is_orthonormal(n):
+    h = hadamard_matrix(n)
+    assert torch.equal(h, ref_hadamard(n))
+    torch.testing.assert_close(h @ h, torch.eye(n), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_matrix(n * 3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])  # 96: three Hadamard blocks of 32
+def test_rotate_keys_keeps_dot_products_and_undoes_itself(head_dim):
+    q, k = torch.randn(2, 5, 3, head_dim, dtype=torch.float64).float()
+    block = head_dim & -head_dim
+    ref = (k.view(5, 3, -1, block) @ ref_hadamard(block)).view(k.shape)
+    torch.testing.assert_close(rotate_keys(k), ref)
+    torch.testing.assert_close(rotate_keys(rotate_keys(k)), k, atol=1e-5, rtol=0)
+    torch.testing.assert_close((rotate_keys(q) * rotate_keys(k)).sum(-1), (q * k).sum(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_token_store_quantizes_rotated_keys_and_plain_values(fmt):
+    """Stored K codes are the absmax quantization of k @ H, V codes that of v; load gives back k and v."""
+    store = TokenScaledStore(SHAPE, 4, fmt)
+    k, v = torch.randn(2, 20, SHAPE.num_kv_heads, SHAPE.head_dim) * torch.linspace(0.1, 8, SHAPE.head_dim)
+    slots = torch.randperm(4 * SHAPE.block_size)[:20]
+    store.write_tokens(k, v, slots)
+    flat = store.data.view(2, SHAPE.num_kv_heads, -1, SHAPE.head_dim)[:, :, slots]
+    k_h = (k.transpose(0, 1) @ ref_hadamard(SHAPE.head_dim))
+    assert torch.equal(flat[0], absmax_quant(k_h, fmt)[0])
+    assert torch.equal(flat[1], absmax_quant(v.transpose(0, 1), fmt)[0])
+    blocks = torch.arange(4)
+    out = store.load(blocks).view(2, SHAPE.num_kv_heads, -1, SHAPE.head_dim)[:, :, slots]
+    tol = 0.02 if fmt == "int8" else 0.1  # relative to each row's absmax
+    for got, want in ((out[0], k.transpose(0, 1)), (out[1], v.transpose(0, 1))):
+        assert ((got - want).abs().amax(-1) <= tol * want.abs().amax(-1)).all()
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
