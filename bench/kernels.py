@@ -6,8 +6,10 @@ GB/s and, on CUDA, the fraction of the card's peak HBM bandwidth (../shared/spec
 
 Paths: the torch backend (kernels/attention/torch_paged.py) everywhere; the Triton kernels only on CUDA (the CPU
 interpreter says nothing about speed). Each sequence owns shuffled blocks, as in a long-running cache.
-Bytes counted: K and V of every cached token once per KV head, plus q and out (a kernel that re-reads K/V, like a
-prefill's query tiles, can exceed the HBM peak on this count through cache hits). FLOPs: 4 * d per (query head,
+kv_dtype int8 / fp8_e4m3: a kv_quant.QuantizedKVCache with random codes and per-token scales; Triton dequantizes
+tiles in registers, the torch backend dequantizes (and un-rotates keys) on gather.
+Bytes counted: K and V of every cached token once per KV head (codes plus scales when quantized), plus q and out (a
+kernel that re-reads K/V, like a prefill's query tiles, can exceed the HBM peak on this count through cache hits). FLOPs: 4 * d per (query head,
 visible key). Timing: CUDA, triton.testing.do_bench's median (it clears L2 before each call: cold-cache timing);
 CPU, the median of `repeats` calls after one warm-up.
 """
@@ -20,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from kernels.attention.torch_paged import decode_attention, prefill_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +47,7 @@ class KernelBenchSpec:
     groups: tuple[int, ...] = (4, 8)  # query heads per KV head
     block_size: int = 16
     dtype: str = "bfloat16"
+    kv_dtype: str = "auto"  # auto (= dtype), int8, fp8_e4m3
     backends: tuple[str, ...] = ("torch", "triton")  # triton runs on CUDA only
     repeats: int = 5
     device: str = "auto"  # auto: cuda when available
@@ -56,6 +60,8 @@ class KernelBenchSpec:
             raise ValueError(f"backends must be among torch, triton; got {self.backends}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype not in ("auto", "int8", "fp8_e4m3"):
+            raise ValueError(f"kv_dtype must be auto, int8 or fp8_e4m3, got {self.kv_dtype!r}")
         if min(self.batch, self.context, self.chunk, self.kv_heads, self.head_dim, self.repeats, *self.groups) < 1:
             raise ValueError("batch, context, chunk, kv_heads, head_dim, repeats and groups must be >= 1")
         if "prefill" in self.kernels and self.chunk > self.context:
@@ -78,6 +84,16 @@ def paged_inputs(spec: KernelBenchSpec, group: int, device: torch.device) -> dic
     num_blocks = spec.batch * blocks_per_seq
     kv = torch.randn(2, spec.kv_heads, num_blocks, spec.block_size, spec.head_dim, generator=g, device=device,
                      dtype=dtype)
+    if spec.kv_dtype != "auto":  # random codes: E4M3 bytes of N(0, 64^2) values, or int8 in [-127, 127]
+        cache = QuantizedKVCache(KVShape(spec.kv_heads, spec.block_size, spec.head_dim, dtype), spec.kv_dtype,
+                                 num_blocks, device=device)
+        store = cache.token_store
+        if spec.kv_dtype == "int8":
+            store.data.copy_((kv * 42).round().clamp(-127, 127))
+        else:
+            store.data.copy_((kv * 64).to(torch.float8_e4m3fn).view(torch.uint8))
+        store.scale.copy_(torch.rand(store.scale.shape, generator=g, device=device) / 64 + 1 / 128)
+        kv = cache
     tables = torch.randperm(num_blocks, generator=g, device=device).view(spec.batch, blocks_per_seq)
     seq_lens = torch.full((spec.batch,), spec.context, dtype=torch.int32, device=device)
     heads = spec.kv_heads * group
@@ -92,6 +108,8 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
     """backend name -> a call of that backend's kernel(s) on the inputs, for the spec's backends that can run here."""
     kv, tables, seq_lens = inputs["kv"], inputs["tables"], inputs["seq_lens"]
     scale = spec.head_dim ** -0.5
+    # What the Triton kernels read: the cache tensor, or a quantized cache's codes and scales.
+    codes, kv_scale = (kv, None) if isinstance(kv, torch.Tensor) else (kv.token_store.data, kv.token_store.scale)
     calls = {}
     if kernel == "decode":
         q = inputs["q_decode"]
@@ -101,7 +119,7 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
             calls["torch"] = lambda: decode_attention(q, kv, tables, bias, scale)
         if "triton" in spec.backends and device.type == "cuda":
             from kernels.attention.triton_paged import paged_decode
-            calls["triton"] = lambda: paged_decode(q, kv, tables, seq_lens, scale)
+            calls["triton"] = lambda: paged_decode(q, codes, tables, seq_lens, scale, kv_scale=kv_scale)
         return calls
     q = inputs["q_prefill"]
     chunks = q.view(spec.batch, spec.chunk, *q.shape[1:])
@@ -111,7 +129,8 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
     if "triton" in spec.backends and device.type == "cuda":
         from kernels.attention.triton_paged import paged_attention
         starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
-        calls["triton"] = lambda: paged_attention(q, kv, tables, seq_lens, starts, spec.chunk, scale)
+        calls["triton"] = lambda: paged_attention(q, codes, tables, seq_lens, starts, spec.chunk, scale,
+                                                  kv_scale=kv_scale)
     return calls
 
 
@@ -120,7 +139,8 @@ def traffic(kernel: str, spec: KernelBenchSpec, group: int) -> tuple[int, int]:
     elem = torch.finfo(_DTYPES[spec.dtype]).bits // 8
     heads = spec.kv_heads * group
     queries = 1 if kernel == "decode" else spec.chunk
-    kv_bytes = spec.batch * spec.context * spec.kv_heads * spec.head_dim * 2 * elem
+    per_head_token = spec.head_dim * elem if spec.kv_dtype == "auto" else spec.head_dim + 2  # codes + fp16 scale
+    kv_bytes = spec.batch * spec.context * spec.kv_heads * per_head_token * 2
     qo_bytes = 2 * spec.batch * queries * heads * spec.head_dim * elem
     prefix = spec.context - queries  # query i of the chunk sees prefix + i + 1 keys
     visible = queries * prefix + queries * (queries + 1) // 2
@@ -170,7 +190,7 @@ def format_kernel_result(result: dict) -> str:
                  f"{result['threads']} threads")
     lines = [f"paged attention on {result['device']}, {peak_text}: batch {s['batch']}, context {s['context']}, "
              f"prefill chunk {s['chunk']}, {s['kv_heads']} KV heads, head_dim {s['head_dim']}, "
-             f"block {s['block_size']}, {s['dtype']}",
+             f"block {s['block_size']}, {s['dtype']}" + ("" if s["kv_dtype"] == "auto" else f", KV {s['kv_dtype']}"),
              f"{'kernel':>8} {'backend':>8} {'GQA':>4} {'ms':>10} {'GB/s':>9} {'%peak':>6} {'TFLOP/s':>8}"]
     for r in result["results"]:
         pct = "-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}"

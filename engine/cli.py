@@ -76,9 +76,10 @@ def _bench_moe(args: argparse.Namespace) -> int:
 def _bench_kernels(args: argparse.Namespace) -> int:
     from bench.kernels import KernelBenchSpec, format_kernel_result, run_kernel_bench
 
-    spec = KernelBenchSpec(tuple(args.kernels), args.batch, args.context, args.chunk, args.kv_heads, args.head_dim,
-                           tuple(args.groups), args.block_size, args.kernel_dtype, tuple(args.backends), args.repeats,
-                           args.device)
+    spec = KernelBenchSpec(kernels=tuple(args.kernels), batch=args.batch, context=args.context, chunk=args.chunk,
+                           kv_heads=args.kv_heads, head_dim=args.head_dim, groups=tuple(args.groups),
+                           block_size=args.block_size, dtype=args.kernel_dtype, kv_dtype=args.kv_dtype,
+                           backends=tuple(args.backends), repeats=args.repeats, device=args.device)
     result = run_kernel_bench(spec, args.peak_gbps)
     print(format_kernel_result(result))
     _write_json(args.json, result)
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="query heads per KV head (GQA ratios)")
     kn.add_argument("--block-size", type=int, default=16)
     kn.add_argument("--kernel-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    kn.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
+                    help="KV cache elements: the kernel dtype, or codes + per-token scales")
     kn.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
                     help="triton runs on CUDA only")
     kn.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")

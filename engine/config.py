@@ -141,6 +141,6 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype != "auto":
-            raise ValueError(f"attention_backend 'triton' reads a full-precision KV cache only; kv_cache_dtype "
-                             f"{self.cache.kv_cache_dtype!r} needs attention_backend 'torch'")
+        if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
+            raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
+                             f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")

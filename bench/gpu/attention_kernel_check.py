@@ -9,13 +9,15 @@ for correctness, then their bandwidth at the target decode shape of ../shared/sp
 2. Agreement with the torch backend at sizes the tests cannot reach under the interpreter, on the GPU, bf16:
    decode at batch 8 x 8K (GQA 4, 8), batch 2 x 32K (the split heuristic picks several splits), prefill chunks
    of 512 after a 3.5K prefix. Max |triton - torch| must stay within 2e-2 (outputs are O(0.1)).
+   Then the int8 / fp8_e4m3 caches (codes + per-token scales, dequantized in the kernel): decode at batch 8 x 8K and
+   a prefill, against the torch backend's dequantize-on-gather over the same kv_quant.QuantizedKVCache.
 3. Timings through bench/kernels.run_kernel_bench (do_bench medians, L2 cleared per call): the Triton decode at the
-   target shape, and both backends at batch 8 x 8K for decode and for prefill (the torch backend's GQA decode may
-   copy K/V once per query head, too much memory at the target shape).
-4. Unless --no-sweep: a few decode tile configs (BLOCK_N x warps x stages) at the target shape, best reported, as a
-   starting point for tuning decode_config.
+   target shape with a bf16, an fp8_e4m3 and an int8 cache, and both backends at batch 8 x 8K for decode and for
+   prefill (the torch backend's GQA decode may copy K/V once per query head, too much memory at the target shape).
+4. Unless --no-sweep: a few decode tile configs (BLOCK_N x warps x stages) at the target shape, bf16 and fp8 caches,
+   best reported, as a starting point for tuning decode_config.
 The peak HBM bandwidth comes from the device name (bench/kernels.HBM_PEAKS: H100 SXM 3350 GB/s, H200 4800 GB/s);
---peak-gbps overrides it. Runs in about 3 minutes on an H100 (budget: 8).
+--peak-gbps overrides it. Ran in 46 s on an H100 before the quantized steps were added (budget: 8 minutes).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.kernels import KernelBenchSpec, format_kernel_result, paged_inputs, run_kernel_bench, time_call, traffic
+from kernels.attention.kv_quant import rotate_keys
 from kernels.attention.torch_paged import decode_attention, prefill_attention
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +42,9 @@ COMPARE = replace(TARGET, kernels=("decode", "prefill"), batch=8, context=8192, 
                   backends=("torch", "triton"))
 DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192), 4), (replace(TARGET, batch=8, context=8192), 8),
                  (replace(TARGET, batch=2), 8)]  # batch 2 x 32K: 16 programs, so several splits
+QUANT_DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192, kv_dtype=f), 8) for f in ("fp8_e4m3", "int8")]
+QUANT_PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512, kv_dtype="fp8_e4m3"),
+                         4)]
 PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512), g) for g in (4, 8)]
 SWEEP = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 3)]  # BLOCK_N, warps, stages
 
@@ -58,17 +64,31 @@ def _agree(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 2e-2) -
     return ok
 
 
+def _kernel_operands(kv, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(codes, kv_scale, q) as the Triton kernels take them: a quantized cache holds rotated keys, so its queries are
+    rotated too (as TritonPagedAttention does), while the torch backend un-rotates keys on gather."""
+    if isinstance(kv, torch.Tensor):
+        return kv, None, q
+    return kv.token_store.data, kv.token_store.scale, rotate_keys(q).to(q.dtype)
+
+
+def _kv_label(spec: KernelBenchSpec) -> str:
+    return "" if spec.kv_dtype == "auto" else f", KV {spec.kv_dtype}"
+
+
 def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
     """Triton decode (default config and split count) against the torch backend on the same device."""
     from kernels.attention.triton_paged import decode_config, decode_num_splits, paged_decode
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_decode"]
+    codes, kv_scale, q_kernel = _kernel_operands(kv, q)
     scale = spec.head_dim ** -0.5
     pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
     bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
-    splits = decode_num_splits(spec.batch, kv, tables, decode_config(group, spec.head_dim).block_n)
-    return _agree(f"decode batch {spec.batch} x {spec.context} GQA {group} ({splits} splits)",
-                  paged_decode(q, kv, tables, seq_lens, scale), decode_attention(q, kv, tables, bias, scale))
+    splits = decode_num_splits(spec.batch, codes, tables, decode_config(group, spec.head_dim).block_n)
+    return _agree(f"decode batch {spec.batch} x {spec.context} GQA {group} ({splits} splits){_kv_label(spec)}",
+                  paged_decode(q_kernel, codes, tables, seq_lens, scale, kv_scale=kv_scale),
+                  decode_attention(q, kv, tables, bias, scale))
 
 
 def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
@@ -76,13 +96,14 @@ def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bo
     from kernels.attention.triton_paged import paged_attention
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_prefill"]
+    codes, kv_scale, q_kernel = _kernel_operands(kv, q)
     scale = spec.head_dim ** -0.5
     starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
-    out = paged_attention(q, kv, tables, seq_lens, starts, spec.chunk, scale)
+    out = paged_attention(q_kernel, codes, tables, seq_lens, starts, spec.chunk, scale, kv_scale=kv_scale)
     rows = [slice(s * spec.chunk, (s + 1) * spec.chunk) for s in range(spec.batch)]
     ref = torch.cat([prefill_attention(q[r], kv, tables[s], spec.context, scale) for s, r in enumerate(rows)])
     return _agree(f"prefill batch {spec.batch} x chunk {spec.chunk} after {spec.context - spec.chunk} cached, "
-                  f"GQA {group}", out, ref)
+                  f"GQA {group}{_kv_label(spec)}", out, ref)
 
 
 def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], device: torch.device,
@@ -92,19 +113,21 @@ def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], dev
     rows = []
     for group in spec.groups:
         inp = paged_inputs(spec, group, device)
+        codes, kv_scale, q = _kernel_operands(inp["kv"], inp["q_decode"])
+        tables, seq_lens = inp["tables"], inp["seq_lens"]
+        del inp
         nbytes, _ = traffic("decode", spec, group)
         block_m = decode_config(group, spec.head_dim).block_m
         for block_n, warps, stages in configs:
             cfg = AttentionKernelConfig(block_m, block_n, warps, stages)
-            ms = time_call(lambda c=cfg: paged_decode(inp["q_decode"], inp["kv"], inp["tables"], inp["seq_lens"],
-                                                      spec.head_dim ** -0.5, config=c), device, spec.repeats)
+            ms = time_call(lambda c=cfg: paged_decode(q, codes, tables, seq_lens, spec.head_dim ** -0.5, config=c,
+                                                      kv_scale=kv_scale), device, spec.repeats)
             gbps = nbytes / ms / 1e6
-            rows.append(dict(group=group, config=list(cfg), ms=ms, gbps=gbps,
+            rows.append(dict(group=group, kv_dtype=spec.kv_dtype, config=list(cfg), ms=ms, gbps=gbps,
                              peak_fraction=gbps / peak_gbps if peak_gbps else None))
             pct = f"{100 * gbps / peak_gbps:.1f}%" if peak_gbps else "-"
-            print(f"sweep GQA {group} BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}: "
-                  f"{ms:.3f} ms {gbps:.0f} GB/s {pct}", flush=True)
-        del inp
+            print(f"sweep GQA {group}{_kv_label(spec)} BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} "
+                  f"stages {stages}: {ms:.3f} ms {gbps:.0f} GB/s {pct}", flush=True)
     return rows
 
 
@@ -124,23 +147,32 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     device = torch.device("cuda")
     tests_ok = args.skip_tests or run_kernel_tests()
-    large_ok = all([check_decode(spec, g, device) for spec, g in DECODE_CHECKS]
-                   + [check_prefill(spec, g, device) for spec, g in PREFILL_CHECKS])
+    large_ok = all([check_decode(spec, g, device) for spec, g in DECODE_CHECKS + QUANT_DECODE_CHECKS]
+                   + [check_prefill(spec, g, device) for spec, g in PREFILL_CHECKS + QUANT_PREFILL_CHECKS])
     print(f"correctness done after {time.perf_counter() - start:.0f} s", flush=True)
     target = run_kernel_bench(TARGET, args.peak_gbps)
     print(format_kernel_result(target), flush=True)
+    quantized = {}
+    for kv_dtype in ("fp8_e4m3", "int8"):
+        quantized[kv_dtype] = run_kernel_bench(replace(TARGET, kv_dtype=kv_dtype), args.peak_gbps)
+        print(format_kernel_result(quantized[kv_dtype]), flush=True)
+        for full, quant in zip(target["results"], quantized[kv_dtype]["results"]):
+            print(f"decode GQA {full['group']}: {kv_dtype} {quant['ms']:.3f} ms vs bf16 {full['ms']:.3f} ms "
+                  f"({full['ms'] / quant['ms']:.2f}x faster)", flush=True)
     compare = run_kernel_bench(COMPARE, args.peak_gbps)
     print(format_kernel_result(compare), flush=True)
     peak = target["peak"]["gbps"] if target["peak"] else None
-    sweep = [] if args.no_sweep else sweep_decode(TARGET, SWEEP, device, peak)
-    for group in sorted({r["group"] for r in sweep}):
-        best = max((r for r in sweep if r["group"] == group), key=lambda r: r["gbps"])
-        print(f"best decode config GQA {group}: {best['config']} {best['gbps']:.0f} GB/s", flush=True)
+    sweep = [] if args.no_sweep else [row for kv_dtype in ("auto", "fp8_e4m3")
+                                      for row in sweep_decode(replace(TARGET, kv_dtype=kv_dtype), SWEEP, device, peak)]
+    for key in sorted({(r["kv_dtype"], r["group"]) for r in sweep}):
+        best = max((r for r in sweep if (r["kv_dtype"], r["group"]) == key), key=lambda r: r["gbps"])
+        print(f"best decode config KV {key[0]} GQA {key[1]}: {best['config']} {best['gbps']:.0f} GB/s", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, tests_ok=tests_ok,
-                           large_shapes_ok=large_ok, peak=target["peak"], target=target, compare=compare,
+                           large_shapes_ok=large_ok, peak=target["peak"], target=target, quantized=quantized,
+                           compare=compare,
                            sweep=sweep), f, indent=1)
     return 0 if tests_ok and large_ok else 1
 

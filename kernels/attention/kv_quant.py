@@ -156,11 +156,12 @@ class TokenScaledStore:
     """fp8_e4m3 / int8: one byte per element plus an fp16 scale per (K or V, head, token); keys stored rotated
     (rotate_keys). fp8 codes are E4M3 bytes kept as uint8, the layout the Triton kernels dequantize in registers."""
 
-    def __init__(self, shape: KVShape, num_slots: int, fmt: str):
+    def __init__(self, shape: KVShape, num_slots: int, fmt: str, device: torch.device | str = "cpu"):
         self.shape, self.fmt = shape, fmt
         h, bs, hd = shape.num_kv_heads, shape.block_size, shape.head_dim
-        self.data = torch.zeros(2, h, num_slots, bs, hd, dtype=torch.int8 if fmt == "int8" else torch.uint8)
-        self.scale = torch.zeros(2, h, num_slots, bs, 1, dtype=torch.float16)
+        self.data = torch.zeros(2, h, num_slots, bs, hd, dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                                device=device)
+        self.scale = torch.zeros(2, h, num_slots, bs, 1, dtype=torch.float16, device=device)
 
     @staticmethod
     def bytes_per_block(shape: KVShape) -> int:
@@ -240,12 +241,14 @@ class QuantizedKVCache:
     (kv_tiers.KVStepPlan, built once per step by the runner and shared by every layer) says which blocks move."""
 
     def __init__(self, shape: KVShape, fmt: str, num_blocks: int, stair_bits: list[int] | None = None,
-                 stair_slots: list[int] | None = None):
+                 stair_slots: list[int] | None = None, device: torch.device | str = "cpu"):
         self.shape, self.fmt = shape, fmt
         self.plan = None
         if fmt in ("fp8_e4m3", "int8"):
-            self.stores = [TokenScaledStore(shape, num_blocks, fmt)]
+            self.stores = [TokenScaledStore(shape, num_blocks, fmt, device)]
             return
+        if torch.device(device).type != "cpu":
+            raise NotImplementedError(f"kv_cache_dtype {fmt} keeps its staircase on the host only")
         slots = [*stair_slots, num_blocks]
         self.stores = [FullPrecisionStore(shape, slots[0])]
         self.stores += [KiviStore(shape, n, b) for b, n in zip(stair_bits[1:], slots[1:])]

@@ -14,7 +14,9 @@ at position seq_len - n + i and seeing the keys at positions <= its own (a decod
                o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s (empty splits: lse = -inf).
                With one split the program writes the output directly.
 
-K/V tiles are loaded by _load_kv_tile, the one place a quantized cache would dequantize in registers (§7.4).
+K/V tiles are loaded by _load_kv_tile, which also dequantizes an int8 / fp8_e4m3 cache in registers (§7.4): codes of
+one byte plus an fp16 scale per (K or V, head, token), kv_quant.TokenScaledStore's layout. Such a cache holds keys
+rotated by kv_quant.rotate_keys; TritonPagedAttention rotates the queries to match (q.k = (qH).(kH)).
 fp32 inputs multiply in IEEE fp32 (no TF32). Under TRITON_INTERPRET the dot operands are upcast to fp32, because the
 interpreter multiplies bf16 as raw bits (see kernels/moe/triton_moe.py), and reductions use tl.reduce with our own
 combine functions: the standard library's @jit helpers (tl.max, tl.sum, tl.zeros, tl.cdiv) run under the interpreter
@@ -28,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.kv_quant import rotate_keys
 from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.torch_paged import write_kv
 
@@ -44,26 +47,40 @@ def _sum_combine(a, b):
     return a + b
 
 
+# The KV_QUANT constexpr: what the cache's elements are (constexpr globals: the only globals a kernel may read).
+KV_FULL, KV_INT8, KV_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_d):
-    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements)."""
+def _load_kv_tile(base_ptr, scale_base_ptr, block_ids, token_offsets, offs_d, tile_mask, n_mask,
+                  stride_blk, stride_tok, stride_d, stride_sblk, stride_stok, out_ty: tl.constexpr,
+                  KV_QUANT: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements),
+    in out_ty; a quantized tile is its codes times each token's scale."""
     ptrs = (base_ptr + block_ids[:, None] * stride_blk + token_offsets[:, None] * stride_tok
             + offs_d[None, :] * stride_d)
-    return tl.load(ptrs, mask=tile_mask, other=0.0)
+    x = tl.load(ptrs, mask=tile_mask, other=0)
+    if KV_QUANT == KV_FULL:
+        return x
+    if KV_QUANT == KV_FP8:
+        x = x.to(tl.float8e4nv, bitcast=True)
+    scale = tl.load(scale_base_ptr + block_ids * stride_sblk + token_offsets * stride_stok, mask=n_mask, other=0.0)
+    return (x.to(tl.float32) * scale.to(tl.float32)[:, None]).to(out_ty)
 
 
 @triton.jit
 def _paged_attention_kernel(
-        q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-        scale_log2,
+        q_ptr, kv_ptr, kv_scale_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
+        query_start_ptr, scale_log2,
         stride_qt, stride_qh, stride_qd,
         stride_kv, stride_kvh, stride_blk, stride_tok, stride_kd,
+        stride_skv, stride_skh, stride_sblk, stride_stok,
         stride_ot, stride_oh, stride_od,
         stride_bt,
         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_FP32: tl.constexpr):
+        KV_QUANT: tl.constexpr, DOT_FP32: tl.constexpr):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -98,14 +115,19 @@ def _paged_attention_kernel(
     acc = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
     k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
     v_base = k_base + stride_kv
+    k_scale_base = kv_scale_ptr + kv_head.to(tl.int64) * stride_skh
+    v_scale_base = k_scale_base + stride_skv
+    kv_ty = q_ptr.dtype.element_ty
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(kv_start, kv_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_stop
         block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         tile_mask = n_mask[:, None] & d_mask[None, :]
-        k = _load_kv_tile(k_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
-        v = _load_kv_tile(v_base, block_ids, offs_n % PAGE, offs_d, tile_mask, stride_blk, stride_tok, stride_kd)
+        k = _load_kv_tile(k_base, k_scale_base, block_ids, offs_n % PAGE, offs_d, tile_mask, n_mask, stride_blk,
+                          stride_tok, stride_kd, stride_sblk, stride_stok, kv_ty, KV_QUANT)
+        v = _load_kv_tile(v_base, v_scale_base, block_ids, offs_n % PAGE, offs_d, tile_mask, n_mask, stride_blk,
+                          stride_tok, stride_kd, stride_sblk, stride_stok, kv_ty, KV_QUANT)
         if DOT_FP32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -212,6 +234,20 @@ def decode_num_splits(num_seqs: int, kv_cache: torch.Tensor, block_tables: torch
     return num_kv_splits(num_seqs * kv_cache.shape[1], key_tiles, num_sms)
 
 
+def _kv_quant(q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> int:
+    """KV_QUANT for the cache: full precision (q's dtype), int8 codes or fp8_e4m3 codes held as uint8, with scales."""
+    if kv_cache.dtype in (torch.int8, torch.uint8):
+        if kv_scale is None or kv_scale.shape != (*kv_cache.shape[:4], 1):
+            raise ValueError(f"a quantized kv_cache ({kv_cache.dtype}) needs kv_scale of shape "
+                             f"{(*kv_cache.shape[:4], 1)}, got {None if kv_scale is None else tuple(kv_scale.shape)}")
+        return (KV_INT8 if kv_cache.dtype == torch.int8 else KV_FP8).value
+    if kv_scale is not None:
+        raise ValueError(f"kv_scale goes with int8 / uint8 (fp8_e4m3) codes, not a {kv_cache.dtype} kv_cache")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the kv_cache dtype {kv_cache.dtype}")
+    return KV_FULL.value
+
+
 def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                   query_start_loc: torch.Tensor) -> None:
     if q.dim() != 3:
@@ -223,8 +259,6 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         raise ValueError(f"q head_dim {q.shape[2]} differs from the kv_cache head_dim {kv_cache.shape[4]}")
     if q.shape[1] % kv_cache.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({kv_cache.shape[1]})")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} differs from the kv_cache dtype {kv_cache.dtype}")
     num_seqs = block_tables.shape[0]
     if block_tables.dim() != 2 or seq_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(f"need block_tables [seqs, max_blocks], seq_lens [seqs] and query_start_loc [seqs + 1]; got "
@@ -233,11 +267,15 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, scale: float, *, num_splits: int = 1,
-                    out: torch.Tensor | None = None, config: AttentionKernelConfig | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, config: AttentionKernelConfig | None = None,
+                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence s's new queries q[query_start_loc[s]:query_start_loc[s + 1]] ([T, heads, hd] overall) attend
     causally over its seq_lens[s] cached tokens (which include them) through block_tables[s]; returns [T, heads, hd]
-    (written into `out` when given). max_query_len: the longest chunk, a host int so that nothing syncs."""
+    (written into `out` when given). max_query_len: the longest chunk, a host int so that nothing syncs.
+    kv_cache in q's dtype, or int8 / fp8_e4m3 (as uint8) codes with kv_scale [2, kv_heads, blocks, block_size, 1]."""
     _check_inputs(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    kv_quant = _kv_quant(q, kv_cache, kv_scale)
+    kv_scale = kv_cache if kv_scale is None else kv_scale  # unused when full precision
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, page = kv_cache.shape[1], kv_cache.shape[3]
     group = num_heads // kv_heads
@@ -253,12 +291,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         part_out = part_lse = out  # unused
     grid = (block_tables.shape[0], triton.cdiv(max_query_len, block_q), kv_heads * num_splits)
     _paged_attention_kernel[grid](
-        q, kv_cache, out, part_out, part_lse, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-        *q.stride(), *kv_cache.stride(), *out.stride(), block_tables.stride(0),
+        q, kv_cache, kv_scale, out, part_out, part_lse, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
+        *q.stride(), *kv_cache.stride(), *kv_scale.stride()[:4], *out.stride(), block_tables.stride(0),
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_SPLITS=num_splits,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
+        KV_QUANT=kv_quant, DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -270,7 +308,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, *, num_splits: int | None = None, out: torch.Tensor | None = None,
-                 config: AttentionKernelConfig | None = None) -> torch.Tensor:
+                 config: AttentionKernelConfig | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence, q [B, heads, hd], split-K over its keys; num_splits None: chosen from the
     SM count (num_kv_splits) with block_tables' width as the longest sequence."""
     num_seqs, num_heads, head_dim = q.shape
@@ -279,7 +317,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
     return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, 1, scale,
-                           num_splits=num_splits, out=out, config=cfg)
+                           num_splits=num_splits, out=out, config=cfg, kv_scale=kv_scale)
 
 
 class TritonPagedAttention:
@@ -287,16 +325,25 @@ class TritonPagedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)  # all K/V first, as in TorchPagedAttention
+        # All K/V first, as in TorchPagedAttention.
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if isinstance(kv_cache, torch.Tensor):
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+            codes, kv_scale = kv_cache, None
+        else:  # a QuantizedKVCache of a token format: quantized on write, dequantized in the kernel
+            store = kv_cache.token_store
+            kv_cache.write(k, v, meta.slot_mapping, meta.kv_plan)
+            codes, kv_scale = store.data, store.scale
+            q = rotate_keys(q).to(q.dtype)  # its keys are stored rotated
         nd, device = meta.num_decodes, q.device
-        out = torch.empty(q.shape, dtype=q.dtype, device=device)
         if nd:
             if meta.decode_seq_lens is None:
                 raise ValueError("the Triton backend needs AttentionMetadata.decode_seq_lens")
-            paged_decode(q[:nd], kv_cache, meta.decode_block_tables.to(device), meta.decode_seq_lens.to(device),
-                         scale, out=out[:nd])
+            paged_decode(q[:nd], codes, meta.decode_block_tables.to(device), meta.decode_seq_lens.to(device),
+                         scale, out=out[:nd], kv_scale=kv_scale)
         if meta.prefills:
             batch = meta.prefill_batch
-            paged_attention(q[nd:], kv_cache, batch.block_tables.to(device), batch.seq_lens.to(device),
-                            batch.query_start_loc.to(device), batch.max_query_len, scale, out=out[nd:])
+            paged_attention(q[nd:], codes, batch.block_tables.to(device), batch.seq_lens.to(device),
+                            batch.query_start_loc.to(device), batch.max_query_len, scale, out=out[nd:],
+                            kv_scale=kv_scale)
         return out

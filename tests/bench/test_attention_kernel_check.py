@@ -41,8 +41,11 @@ def test_checks_pass_on_tiny_shapes_and_catch_a_mismatch(capsys):
     cpu = torch.device("cpu")
     assert check.check_decode(TINY, 3, cpu)
     assert check.check_prefill(TINY, 3, cpu)
+    for kv_dtype in ("fp8_e4m3", "int8"):  # the kernel on codes against the torch backend's gather
+        assert check.check_decode(replace(TINY, kv_dtype=kv_dtype), 3, cpu)
+        assert check.check_prefill(replace(TINY, kv_dtype=kv_dtype), 3, cpu)
     assert not check._agree("perturbed", torch.ones(4) + 0.1, torch.ones(4))
-    assert capsys.readouterr().out.count("ok  ") == 2
+    assert capsys.readouterr().out.count("ok  ") == 6
 
 
 def test_sweep_times_every_config():

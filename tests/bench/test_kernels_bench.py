@@ -30,6 +30,22 @@ def test_traffic_counts_kv_once_plus_q_and_out():
     assert traffic("prefill", spec, group=2) == (2 * 10 * 3 * 8 * 2 * 2 + 2 * 2 * 4 * 6 * 8 * 2, 4 * 8 * 6 * 2 * 34)
 
 
+def test_bench_kernels_on_a_quantized_cache(tmp_path):
+    path = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--device", "cpu", "--batch", "2", "--context", "40", "--chunk", "8",
+                 "--kv-heads", "2", "--head-dim", "16", "--groups", "2", "--repeats", "1", "--kv-dtype", "fp8_e4m3",
+                 "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["spec"]["kv_dtype"] == "fp8_e4m3"
+    assert [(r["kernel"], r["backend"]) for r in result["results"]] == [("decode", "torch"), ("prefill", "torch")]
+
+
+def test_traffic_of_a_quantized_cache_counts_codes_and_scales():
+    spec = KernelBenchSpec(batch=2, context=10, chunk=4, kv_heads=3, head_dim=8, dtype="bfloat16", kv_dtype="int8")
+    # K and V: one byte per element plus a 2-byte scale per (token, head); q and out stay bf16.
+    assert traffic("decode", spec, group=2)[0] == 2 * 10 * 3 * (8 + 2) * 2 + 2 * 2 * 6 * 8 * 2
+
+
 def test_hbm_peak_by_device_name():
     assert hbm_peak("NVIDIA H100 80GB HBM3") == ("H100 SXM", 3350.0)
     assert hbm_peak("NVIDIA H100 PCIe") == ("H100 PCIe", 2000.0)
@@ -42,3 +58,5 @@ def test_bad_spec_is_rejected():
         KernelBenchSpec(context=8, chunk=16)
     with pytest.raises(ValueError, match="kernels"):
         KernelBenchSpec(kernels=("encode",))
+    with pytest.raises(ValueError, match="kv_dtype"):
+        KernelBenchSpec(kv_dtype="int4")

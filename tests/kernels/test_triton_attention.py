@@ -5,8 +5,11 @@ here from the math in float64, which reads each token straight from (block_table
 - decode: head_dim 64/128/256, GQA 1/3/8/64, block size 16/32, lengths 1, block boundaries and ragged ones, 1 split,
   several splits and more splits than a sequence has keys (empty splits), fp32 and bf16;
 - prefill chunks with and without a cached prefix, one-token chunks, with and without split-K;
+- an int8 / fp8_e4m3 cache (kv_quant.TokenScaledStore: codes, per-token scales, rotated keys) dequantized in the
+  kernel, against both oracles run on the store's dequantized K/V;
 - the backend on a real step's metadata: a tiny random Llama generates the same greedy tokens with Triton forced
-  under the interpreter as with the torch backend (prefill chunks with a cached prefix, decodes and both mixed);
+  under the interpreter as with the torch backend (prefill chunks with a cached prefix, decodes and both mixed),
+  with a full-precision and with an fp8 KV cache;
 - num_kv_splits against hand-worked cases of the spec's rule, select_attention_backend, and bad input.
 
 TRITON_INTERPRET is set only around this module's import of triton_paged and around its tests, as in
@@ -23,6 +26,7 @@ from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, in
 triton_paged = import_triton_module("kernels.attention.triton_paged")
 
 from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
+from kernels.attention.kv_quant import KVShape, TokenScaledStore, rotate_keys  # noqa: E402
 from kernels.attention.torch_paged import decode_attention, prefill_attention  # noqa: E402
 
 
@@ -119,6 +123,56 @@ def test_prefill_chunks_match_torch_and_dense(case):
         torch.testing.assert_close(out[rows].double(), _dense(q[rows], kv, tables[s], seq_len, scale), **_tol(dtype))
 
 
+def _quantized_cache(kv_heads, head_dim, block_size, seq_lens, dtype, fmt, seed):
+    """_paged_cache's K/V written through a TokenScaledStore; returns the store, its dequantized cache (what the
+    oracles read) and the block tables."""
+    kv, tables = _paged_cache(kv_heads, head_dim, block_size, seq_lens, dtype, seed)
+    num_blocks = kv.shape[2]
+    store = TokenScaledStore(KVShape(kv_heads, block_size, head_dim, dtype), num_blocks, fmt)
+    k, v = kv.view(2, kv_heads, -1, head_dim).transpose(1, 2)  # each [tokens, kv_heads, hd]
+    store.write_tokens(k, v, torch.arange(num_blocks * block_size))
+    return store, store.load(torch.arange(num_blocks)), tables
+
+
+QUANT_CASES = {  # fmt, head_dim, group, kv_heads, block_size, dtype, seq_lens, split counts
+    "int8-gqa3-d64-p16": ("int8", 64, 3, 2, 16, torch.float32, [1, 16, 17, 45], (1, 3)),
+    "fp8-gqa8-d128-p32": ("fp8_e4m3", 128, 8, 1, 32, torch.bfloat16, [33, 64, 2], (1, 2)),
+}
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_quantized_cache_dequantized_in_the_kernel(case):
+    """Decode (with splits) and prefill chunks over int8 / fp8 codes equal attention over the dequantized cache:
+    the kernel's codes x scale is the store's dequantization, and its rotated queries undo the rotated keys."""
+    fmt, head_dim, group, kv_heads, block_size, dtype, seq_lens, split_counts = QUANT_CASES[case]
+    store, kv, tables = _quantized_cache(kv_heads, head_dim, block_size, seq_lens, dtype, fmt, seed=group)
+    codes, scales = _on_device(store.data, store.scale)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=g).to(dtype)
+    q_rot = rotate_keys(q).to(dtype)
+    scale = head_dim ** -0.5
+    lens = torch.tensor(seq_lens)
+    pad = torch.arange(tables.shape[1] * block_size)[None, :] >= lens[:, None]
+    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
+    torch_out = decode_attention(q, kv, tables, bias, scale)
+    dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
+    for num_splits in split_counts:
+        out = triton_paged.paged_decode(*_on_device(q_rot, codes, tables, lens), scale, num_splits=num_splits,
+                                        kv_scale=scales).cpu()
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, torch_out, **_tol(dtype))
+        torch.testing.assert_close(out.double(), dense, **_tol(dtype))
+    # Prefill: the last few tokens of each sequence as a chunk after its cached prefix.
+    chunk_lens = [min(n, 5) for n in seq_lens]
+    starts = torch.tensor([0, *torch.tensor(chunk_lens).cumsum(0).tolist()], dtype=torch.int32)
+    qp = torch.randn(int(starts[-1]), kv_heads * group, head_dim, generator=g).to(dtype)
+    out = triton_paged.paged_attention(*_on_device(rotate_keys(qp).to(dtype), codes, tables, lens, starts),
+                                       max(chunk_lens), scale, kv_scale=scales).cpu()
+    for s, n in enumerate(seq_lens):
+        rows = slice(int(starts[s]), int(starts[s + 1]))
+        torch.testing.assert_close(out[rows].double(), _dense(qp[rows], kv, tables[s], n, scale), **_tol(dtype))
+
+
 def test_num_kv_splits_follows_the_wave_rule():
     # Programs fill 80% of the SMs: no split.
     assert triton_paged.num_kv_splits(num_programs=8, num_key_tiles=512, num_sms=10) == 1
@@ -141,6 +195,14 @@ def test_bad_input_is_rejected():
         triton_paged.paged_decode(torch.randn(1, 2, 64).bfloat16(), kv, tables, lens, 0.125)
     with pytest.raises(ValueError, match="seq_lens"):
         triton_paged.paged_decode(torch.randn(1, 2, 64), kv, tables, torch.tensor([5, 5]), 0.125)
+    codes = torch.zeros(kv.shape, dtype=torch.int8)
+    with pytest.raises(ValueError, match="needs kv_scale of shape"):
+        triton_paged.paged_decode(torch.randn(1, 2, 64), codes, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="kv_scale goes with"):
+        triton_paged.paged_decode(torch.randn(1, 2, 64), kv, tables, lens, 0.125, kv_scale=torch.ones(1))
+    from engine.config import CacheConfig, EngineConfig, ModelConfig
+    with pytest.raises(ValueError, match="needs attention_backend 'torch'"):
+        EngineConfig(model=ModelConfig(attention_backend="triton"), cache=CacheConfig(kv_cache_dtype="int4"))
 
 
 def test_select_attention_backend(monkeypatch):
@@ -157,9 +219,11 @@ def test_select_attention_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the engine runs on CPU; on CUDA the kernel tests above cover the kernels")
-def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype):
     """Prompts of 1, 7 and 40 tokens with 16-token steps: prefill chunks with and without a cached prefix, decodes,
-    and steps that mix both, through ModelRunner's real metadata."""
+    and steps that mix both, through ModelRunner's real metadata; fp8: the Triton kernel reads the codes that the
+    torch backend dequantizes on gather."""
     from conftest import make_tiny_model  # tests/conftest.py needs gguf; the GPU check runs this file without it
     from engine import LLM, SamplingParams
 
@@ -169,7 +233,7 @@ def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path):
     tokens = {}
     for backend in ("torch", "triton"):
         with LLM(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=16,
-                 attention_backend=backend) as llm:
+                 attention_backend=backend, kv_cache_dtype=kv_cache_dtype) as llm:
             assert isinstance(llm.engine.core.executor.runner.model.layers[0].self_attn.attn,
                               TorchPagedAttention if backend == "torch" else triton_paged.TritonPagedAttention)
             tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
