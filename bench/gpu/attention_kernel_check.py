@@ -46,7 +46,8 @@ QUANT_DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192, kv_dtype=f), 8) f
 QUANT_PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512, kv_dtype="fp8_e4m3"),
                          4)]
 PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512), g) for g in (4, 8)]
-SWEEP = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 3)]  # BLOCK_N, warps, stages
+SWEEP = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3),
+         (128, 8, 4)]  # BLOCK_N, warps, stages
 
 
 def run_kernel_tests() -> bool:

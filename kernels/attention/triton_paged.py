@@ -14,8 +14,11 @@ at position seq_len - n + i and seeing the keys at positions <= its own (a decod
                o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s (empty splits: lse = -inf).
                With one split the program writes the output directly.
 
-K/V tiles are loaded by _load_kv_tile, which also dequantizes an int8 / fp8_e4m3 cache in registers (§7.4): codes of
-one byte plus an fp16 scale per (K or V, head, token), kv_quant.TokenScaledStore's layout. Such a cache holds keys
+K/V tiles are loaded by _load_kv_tile, which also reads an int8 / fp8_e4m3 cache (§7.4): codes of one byte plus an
+fp16 scale per (K or V, head, token), kv_quant.TokenScaledStore's layout. The codes convert exactly to q's dtype and
+the scales, one per key token, are applied to the [BLOCK_M, BLOCK_N] scores and probabilities rather than to the
+[BLOCK_N, head_dim] tiles: q.(c_k s_k) = (q.c_k) s_k and sum_n p_n (c_v,n s_v,n) = sum_n (p_n s_v,n) c_v,n, 8x fewer
+multiplies at head_dim 128 (on an H100 the tile-wise form ran no faster than bf16). Such a cache holds keys
 rotated by kv_quant.rotate_keys; TritonPagedAttention rotates the queries to match (q.k = (qH).(kH)).
 fp32 inputs multiply in IEEE fp32 (no TF32). Under TRITON_INTERPRET the dot operands are upcast to fp32, because the
 interpreter multiplies bf16 as raw bits (see kernels/moe/triton_moe.py), and reductions use tl.reduce with our own
@@ -52,20 +55,23 @@ KV_FULL, KV_INT8, KV_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _load_kv_tile(base_ptr, scale_base_ptr, block_ids, token_offsets, offs_d, tile_mask, n_mask,
-                  stride_blk, stride_tok, stride_d, stride_sblk, stride_stok, out_ty: tl.constexpr,
-                  KV_QUANT: tl.constexpr):
-    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements),
-    in out_ty; a quantized tile is its codes times each token's scale."""
+def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_d,
+                  out_ty: tl.constexpr, KV_QUANT: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements)
+    in out_ty; of a quantized cache, its codes (exact in bf16 / fp16 / fp32: int8 or E4M3's 3-bit mantissa)."""
     ptrs = (base_ptr + block_ids[:, None] * stride_blk + token_offsets[:, None] * stride_tok
             + offs_d[None, :] * stride_d)
     x = tl.load(ptrs, mask=tile_mask, other=0)
-    if KV_QUANT == KV_FULL:
-        return x
     if KV_QUANT == KV_FP8:
         x = x.to(tl.float8e4nv, bitcast=True)
-    scale = tl.load(scale_base_ptr + block_ids * stride_sblk + token_offsets * stride_stok, mask=n_mask, other=0.0)
-    return (x.to(tl.float32) * scale.to(tl.float32)[:, None]).to(out_ty)
+    return x.to(out_ty)
+
+
+@triton.jit
+def _load_kv_scales(scale_base_ptr, block_ids, token_offsets, n_mask, stride_sblk, stride_stok):
+    """[BLOCK_N] fp32 scales of one K or V head at the given tokens."""
+    return tl.load(scale_base_ptr + block_ids * stride_sblk + token_offsets * stride_stok, mask=n_mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -117,21 +123,24 @@ def _paged_attention_kernel(
     v_base = k_base + stride_kv
     k_scale_base = kv_scale_ptr + kv_head.to(tl.int64) * stride_skh
     v_scale_base = k_scale_base + stride_skv
-    kv_ty = q_ptr.dtype.element_ty
+    kv_ty = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(kv_start, kv_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_stop
         block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         tile_mask = n_mask[:, None] & d_mask[None, :]
-        k = _load_kv_tile(k_base, k_scale_base, block_ids, offs_n % PAGE, offs_d, tile_mask, n_mask, stride_blk,
-                          stride_tok, stride_kd, stride_sblk, stride_stok, kv_ty, KV_QUANT)
-        v = _load_kv_tile(v_base, v_scale_base, block_ids, offs_n % PAGE, offs_d, tile_mask, n_mask, stride_blk,
-                          stride_tok, stride_kd, stride_sblk, stride_stok, kv_ty, KV_QUANT)
+        token_offsets = offs_n % PAGE
+        k = _load_kv_tile(k_base, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_kd,
+                          kv_ty, KV_QUANT)
+        v = _load_kv_tile(v_base, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_kd,
+                          kv_ty, KV_QUANT)
         if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if KV_QUANT != KV_FULL:
+            s = s * _load_kv_scales(k_scale_base, block_ids, token_offsets, n_mask, stride_sblk, stride_stok)[None, :]
         # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
         # test alone also masks the tile's tokens past kv_stop.
         s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
@@ -139,8 +148,10 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if KV_QUANT != KV_FULL:  # the row sum above is of p itself; the value scales weight only p @ V
+            p = p * _load_kv_scales(v_scale_base, block_ids, token_offsets, n_mask, stride_sblk, stride_stok)[None, :]
         if DOT_FP32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = tl.dot(p, v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.config import CacheConfig, parse_staircase
+from engine.config import CacheConfig, EngineConfig, ModelConfig, parse_staircase
 from kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
                                         TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
                                         minmax_dequant, minmax_quant, pack_bits, rotate_keys, unpack_bits)
@@ -309,6 +309,9 @@ def test_config_rejects_bad_kv_settings():
         CacheConfig(kv_window=-1)
     with pytest.raises(ValueError, match="bits must fall"):
         CacheConfig(kv_staircase="128:16,256:2,inf:4")
+    with pytest.raises(ValueError, match="needs attention_backend 'torch'"):  # Triton reads token formats only
+        EngineConfig(model=ModelConfig(attention_backend="triton"), cache=CacheConfig(kv_cache_dtype="int4"))
+    EngineConfig(model=ModelConfig(attention_backend="triton"), cache=CacheConfig(kv_cache_dtype="fp8_e4m3"))
     with pytest.raises(ValueError, match="no room"):  # the pinned part of the window pool alone is too big
         kv_cache_spec("int4", SHAPE, 30, 128, [], max_num_seqs=256, max_num_batched_tokens=2048,
                       budget_bytes=2 ** 20).num_blocks(2 ** 20)

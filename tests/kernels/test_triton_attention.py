@@ -200,9 +200,6 @@ def test_bad_input_is_rejected():
         triton_paged.paged_decode(torch.randn(1, 2, 64), codes, tables, lens, 0.125)
     with pytest.raises(ValueError, match="kv_scale goes with"):
         triton_paged.paged_decode(torch.randn(1, 2, 64), kv, tables, lens, 0.125, kv_scale=torch.ones(1))
-    from engine.config import CacheConfig, EngineConfig, ModelConfig
-    with pytest.raises(ValueError, match="needs attention_backend 'torch'"):
-        EngineConfig(model=ModelConfig(attention_backend="triton"), cache=CacheConfig(kv_cache_dtype="int4"))
 
 
 def test_select_attention_backend(monkeypatch):
