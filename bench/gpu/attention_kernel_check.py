@@ -46,8 +46,8 @@ QUANT_DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192, kv_dtype=f), 8) f
 QUANT_PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512, kv_dtype="fp8_e4m3"),
                          4)]
 PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512), g) for g in (4, 8)]
-SWEEP = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3),
-         (128, 8, 4)]  # BLOCK_N, warps, stages
+SWEEP = [(32, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 2, 3), (256, 4, 3), (256, 8, 3)]
+# BLOCK_N, warps, stages
 
 
 def run_kernel_tests() -> bool:
@@ -86,7 +86,8 @@ def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> boo
     scale = spec.head_dim ** -0.5
     pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
     bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
-    splits = decode_num_splits(spec.batch, codes, tables, decode_config(group, spec.head_dim).block_n)
+    splits = decode_num_splits(spec.batch, codes, tables,
+                               decode_config(group, spec.head_dim, kv_scale is not None).block_n)
     return _agree(f"decode batch {spec.batch} x {spec.context} GQA {group} ({splits} splits){_kv_label(spec)}",
                   paged_decode(q_kernel, codes, tables, seq_lens, scale, kv_scale=kv_scale),
                   decode_attention(q, kv, tables, bias, scale))

@@ -202,13 +202,15 @@ class AttentionKernelConfig(NamedTuple):
     num_stages: int = 2
 
 
-def decode_config(group: int, head_dim: int) -> AttentionKernelConfig:
+def decode_config(group: int, head_dim: int, quantized: bool = False) -> AttentionKernelConfig:
     """One query token: rows = the G heads (padded to 16), SGLang's grouped-decode shape (§7.3). Three pipeline stages:
     on an H100 at 32K x 64 x 8 KV heads x 128 they took BLOCK_N 64 from 78% to 90% of HBM bandwidth at GQA 4
-    (bench/results/gpu-h100-20261127)."""
+    (bench/results/gpu-h100-20261127). One-byte codes take key tiles twice as long: there BLOCK_N 128 ran an fp8
+    cache in 2.4-2.5 ms against 3.3 ms at 64 (bench/results/gpu-h100-20261127-kvquant-scaled)."""
     block_m = max(16, triton.next_power_of_2(group))
     wide = block_m * triton.next_power_of_2(head_dim) > 16 * 128  # fp32 accumulator past 16 x 128: more warps
-    return AttentionKernelConfig(block_m, 32 if wide else 64, num_warps=8 if wide else 4, num_stages=3)
+    block_n = 32 if wide else 128 if quantized else 64
+    return AttentionKernelConfig(block_m, block_n, num_warps=8 if wide else 4, num_stages=3)
 
 
 def prefill_config(group: int, head_dim: int) -> AttentionKernelConfig:
@@ -290,7 +292,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, page = kv_cache.shape[1], kv_cache.shape[3]
     group = num_heads // kv_heads
-    cfg = config or (decode_config if max_query_len == 1 else prefill_config)(group, head_dim)
+    cfg = config or (decode_config(group, head_dim, kv_quant != KV_FULL.value) if max_query_len == 1 else
+                     prefill_config(group, head_dim))
     if cfg.block_m < max(16, group):
         raise ValueError(f"block_m {cfg.block_m} must be >= 16 and >= the query group {group}")
     block_q = cfg.block_m // group
@@ -323,7 +326,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     """One query token per sequence, q [B, heads, hd], split-K over its keys; num_splits None: chosen from the
     SM count (num_kv_splits) with block_tables' width as the longest sequence."""
     num_seqs, num_heads, head_dim = q.shape
-    cfg = config or decode_config(num_heads // kv_cache.shape[1], head_dim)
+    cfg = config or decode_config(num_heads // kv_cache.shape[1], head_dim, kv_scale is not None)
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
