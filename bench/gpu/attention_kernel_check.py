@@ -14,7 +14,8 @@ for correctness, then their bandwidth at the target decode shape of ../shared/sp
 3. Timings through bench/kernels.run_kernel_bench (do_bench medians, L2 cleared per call): the Triton decode at the
    target shape with a bf16, an fp8_e4m3 and an int8 cache, and both backends at batch 8 x 8K for decode and for
    prefill (the torch backend's GQA decode may copy K/V once per query head, too much memory at the target shape).
-4. Unless --no-sweep: a few decode tile configs (BLOCK_N x warps x stages) at the target shape, bf16 and fp8 caches,
+4. Unless --no-sweep: a few decode tile configs (BLOCK_N x warps x stages x key-tile orientation) at the target
+   shape, bf16 and fp8 caches,
    best reported, as a starting point for tuning decode_config.
 The peak HBM bandwidth comes from the device name (bench/kernels.HBM_PEAKS: H100 SXM 3350 GB/s, H200 4800 GB/s);
 --peak-gbps overrides it. Ran in 46 s on an H100 before the quantized steps were added (budget: 8 minutes).
@@ -46,8 +47,8 @@ QUANT_DECODE_CHECKS = [(replace(TARGET, batch=8, context=8192, kv_dtype=f), 8) f
 QUANT_PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512, kv_dtype="fp8_e4m3"),
                          4)]
 PREFILL_CHECKS = [(replace(TARGET, kernels=("prefill",), batch=4, context=4096, chunk=512), g) for g in (4, 8)]
-SWEEP = [(32, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 2, 3), (256, 4, 3), (256, 8, 3)]
-# BLOCK_N, warps, stages
+SWEEP = [(64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False), (256, 4, 3, False),  # BLOCK_N, warps, stages,
+         (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (256, 4, 3, True)]  # keys loaded d-major
 
 
 def run_kernel_tests() -> bool:
@@ -108,9 +109,9 @@ def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bo
                   f"GQA {group}{_kv_label(spec)}", out, ref)
 
 
-def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], device: torch.device,
+def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int, bool]], device: torch.device,
                  peak_gbps: float | None) -> list[dict]:
-    """Triton decode time per (group, BLOCK_N, warps, stages); BLOCK_M stays decode_config's."""
+    """Triton decode time per (group, BLOCK_N, warps, stages, keys_d_major); BLOCK_M stays decode_config's."""
     from kernels.attention.triton_paged import AttentionKernelConfig, decode_config, paged_decode
     rows = []
     for group in spec.groups:
@@ -120,8 +121,8 @@ def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], dev
         del inp
         nbytes, _ = traffic("decode", spec, group)
         block_m = decode_config(group, spec.head_dim).block_m
-        for block_n, warps, stages in configs:
-            cfg = AttentionKernelConfig(block_m, block_n, warps, stages)
+        for block_n, warps, stages, d_major in configs:
+            cfg = AttentionKernelConfig(block_m, block_n, warps, stages, d_major)
             ms = time_call(lambda c=cfg: paged_decode(q, codes, tables, seq_lens, spec.head_dim ** -0.5, config=c,
                                                       kv_scale=kv_scale), device, spec.repeats)
             gbps = nbytes / ms / 1e6
@@ -129,7 +130,8 @@ def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int]], dev
                              peak_fraction=gbps / peak_gbps if peak_gbps else None))
             pct = f"{100 * gbps / peak_gbps:.1f}%" if peak_gbps else "-"
             print(f"sweep GQA {group}{_kv_label(spec)} BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} "
-                  f"stages {stages}: {ms:.3f} ms {gbps:.0f} GB/s {pct}", flush=True)
+                  f"stages {stages}{' keys d-major' if d_major else ''}: {ms:.3f} ms {gbps:.0f} GB/s {pct}",
+                  flush=True)
     return rows
 
 

@@ -55,13 +55,16 @@ KV_FULL, KV_INT8, KV_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_d,
-                  out_ty: tl.constexpr, KV_QUANT: tl.constexpr):
+def _load_kv_tile(base_ptr, block_ids, token_offsets, offs_d, n_mask, d_mask, stride_blk, stride_tok, stride_d,
+                  out_ty: tl.constexpr, KV_QUANT: tl.constexpr, D_MAJOR: tl.constexpr):
     """[BLOCK_N, BLOCK_D] tile of one K or V head at the given tokens (block ids int64: caches pass 2^31 elements)
-    in out_ty; of a quantized cache, its codes (exact in bf16 / fp16 / fp32: int8 or E4M3's 3-bit mantissa)."""
-    ptrs = (base_ptr + block_ids[:, None] * stride_blk + token_offsets[:, None] * stride_tok
-            + offs_d[None, :] * stride_d)
-    x = tl.load(ptrs, mask=tile_mask, other=0)
+    in out_ty, or with D_MAJOR its transpose [BLOCK_D, BLOCK_N] loaded as such; of a quantized cache, its codes
+    (exact in bf16 / fp16 / fp32: int8 or E4M3's 3-bit mantissa)."""
+    token_ptrs = base_ptr + block_ids * stride_blk + token_offsets * stride_tok
+    if D_MAJOR:
+        x = tl.load(token_ptrs[None, :] + offs_d[:, None] * stride_d, mask=d_mask[:, None] & n_mask[None, :], other=0)
+    else:
+        x = tl.load(token_ptrs[:, None] + offs_d[None, :] * stride_d, mask=n_mask[:, None] & d_mask[None, :], other=0)
     if KV_QUANT == KV_FP8:
         x = x.to(tl.float8e4nv, bitcast=True)
     return x.to(out_ty)
@@ -86,7 +89,7 @@ def _paged_attention_kernel(
         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        KV_QUANT: tl.constexpr, DOT_FP32: tl.constexpr):
+        KV_QUANT: tl.constexpr, KEYS_D_MAJOR: tl.constexpr, DOT_FP32: tl.constexpr):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -129,16 +132,17 @@ def _paged_attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_stop
         block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        tile_mask = n_mask[:, None] & d_mask[None, :]
         token_offsets = offs_n % PAGE
-        k = _load_kv_tile(k_base, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_kd,
-                          kv_ty, KV_QUANT)
-        v = _load_kv_tile(v_base, block_ids, token_offsets, offs_d, tile_mask, stride_blk, stride_tok, stride_kd,
-                          kv_ty, KV_QUANT)
+        k = _load_kv_tile(k_base, block_ids, token_offsets, offs_d, n_mask, d_mask, stride_blk, stride_tok,
+                          stride_kd, kv_ty, KV_QUANT, KEYS_D_MAJOR)
+        if not KEYS_D_MAJOR:
+            k = tl.trans(k)  # [BLOCK_D, BLOCK_N] either way
+        v = _load_kv_tile(v_base, block_ids, token_offsets, offs_d, n_mask, d_mask, stride_blk, stride_tok,
+                          stride_kd, kv_ty, KV_QUANT, False)
         if DOT_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q, k, input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, k)
         if KV_QUANT != KV_FULL:
             s = s * _load_kv_scales(k_scale_base, block_ids, token_offsets, n_mask, stride_sblk, stride_stok)[None, :]
         # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
@@ -200,6 +204,7 @@ class AttentionKernelConfig(NamedTuple):
     block_n: int  # key tokens per tile
     num_warps: int = 4
     num_stages: int = 2
+    keys_d_major: bool = False  # load key tiles as [head_dim, BLOCK_N] instead of transposing [BLOCK_N, head_dim]
 
 
 def decode_config(group: int, head_dim: int, quantized: bool = False) -> AttentionKernelConfig:
@@ -310,7 +315,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_SPLITS=num_splits,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_QUANT=kv_quant, DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
+        KV_QUANT=kv_quant, KEYS_D_MAJOR=cfg.keys_d_major, DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -49,6 +49,7 @@ def test_checks_pass_on_tiny_shapes_and_catch_a_mismatch(capsys):
 
 
 def test_sweep_times_every_config():
-    rows = check.sweep_decode(TINY, [(16, 4, 1), (32, 4, 1)], torch.device("cpu"), peak_gbps=None)
-    assert [(r["group"], r["config"]) for r in rows] == [(3, [16, 16, 4, 1]), (3, [16, 32, 4, 1])]
+    configs = [(16, 4, 1, False), (32, 4, 1, True)]
+    rows = check.sweep_decode(replace(TINY, kv_dtype="fp8_e4m3"), configs, torch.device("cpu"), peak_gbps=None)
+    assert [(r["group"], r["config"]) for r in rows] == [(3, [16, 16, 4, 1, False]), (3, [16, 32, 4, 1, True])]
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)

@@ -91,8 +91,10 @@ def test_decode_matches_torch_and_dense(case):
     bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
     torch_out = decode_attention(q, kv, tables, bias, scale)
     dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
-    for num_splits in split_counts:
-        out = triton_paged.paged_decode(*_on_device(q, kv, tables, lens), scale, num_splits=num_splits).cpu()
+    d_major = triton_paged.decode_config(group, head_dim)._replace(keys_d_major=True)  # key tiles loaded [hd, N]
+    for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[0], d_major)]:
+        out = triton_paged.paged_decode(*_on_device(q, kv, tables, lens), scale, num_splits=num_splits,
+                                        config=config).cpu()
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out, torch_out, **_tol(dtype))
         torch.testing.assert_close(out.double(), dense, **_tol(dtype))
@@ -156,9 +158,10 @@ def test_quantized_cache_dequantized_in_the_kernel(case):
     bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
     torch_out = decode_attention(q, kv, tables, bias, scale)
     dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
-    for num_splits in split_counts:
+    d_major = triton_paged.decode_config(group, head_dim, quantized=True)._replace(keys_d_major=True)
+    for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[-1], d_major)]:
         out = triton_paged.paged_decode(*_on_device(q_rot, codes, tables, lens), scale, num_splits=num_splits,
-                                        kv_scale=scales).cpu()
+                                        kv_scale=scales, config=config).cpu()
         assert out.dtype == dtype
         torch.testing.assert_close(out, torch_out, **_tol(dtype))
         torch.testing.assert_close(out.double(), dense, **_tol(dtype))
