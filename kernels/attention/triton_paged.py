@@ -210,12 +210,13 @@ class AttentionKernelConfig(NamedTuple):
 def decode_config(group: int, head_dim: int, quantized: bool = False) -> AttentionKernelConfig:
     """One query token: rows = the G heads (padded to 16), SGLang's grouped-decode shape (§7.3). Three pipeline stages:
     on an H100 at 32K x 64 x 8 KV heads x 128 they took BLOCK_N 64 from 78% to 90% of HBM bandwidth at GQA 4
-    (bench/results/gpu-h100-20261127). One-byte codes take key tiles twice as long: there BLOCK_N 128 ran an fp8
-    cache in 2.4-2.5 ms against 3.3 ms at 64 (bench/results/gpu-h100-20261127-kvquant-scaled)."""
+    (bench/results/gpu-h100-20261127). One-byte codes take key tiles twice as long, loaded head_dim-major: there an
+    fp8 cache ran in 2.38 ms at BLOCK_N 128 with d-major keys, 2.69-2.71 ms with transposed ones and 3.3 ms at 64
+    (bench/results/gpu-h100-20261127-kvquant-dmajor); bf16 gains nothing from either."""
     block_m = max(16, triton.next_power_of_2(group))
     wide = block_m * triton.next_power_of_2(head_dim) > 16 * 128  # fp32 accumulator past 16 x 128: more warps
     block_n = 32 if wide else 128 if quantized else 64
-    return AttentionKernelConfig(block_m, block_n, num_warps=8 if wide else 4, num_stages=3)
+    return AttentionKernelConfig(block_m, block_n, num_warps=8 if wide else 4, num_stages=3, keys_d_major=quantized)
 
 
 def prefill_config(group: int, head_dim: int) -> AttentionKernelConfig:
