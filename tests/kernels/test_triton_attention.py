@@ -158,8 +158,8 @@ def test_quantized_cache_dequantized_in_the_kernel(case):
     bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
     torch_out = decode_attention(q, kv, tables, bias, scale)
     dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
-    d_major = triton_paged.decode_config(group, head_dim, quantized=True)._replace(keys_d_major=True)
-    for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[-1], d_major)]:
+    transposed = triton_paged.decode_config(group, head_dim, quantized=True)._replace(keys_d_major=False)
+    for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[-1], transposed)]:
         out = triton_paged.paged_decode(*_on_device(q_rot, codes, tables, lens), scale, num_splits=num_splits,
                                         kv_scale=scales, config=config).cpu()
         assert out.dtype == dtype
