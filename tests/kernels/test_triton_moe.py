@@ -111,12 +111,15 @@ def test_triton_path_with_tied_scores(dtype):
     _check_all_paths(x, *_weights(num_experts, dtype, seed=2), *routing)
 
 
-def test_triton_path_default_config_and_strided_input():
-    """The default (decode) config with tiles wider than H and I, and an x that is a non-contiguous view."""
+@pytest.mark.parametrize("num_tokens", [1, 9, 40, 140])  # 0.5, 4.5, 20 and 70 copies per expert: each tier
+def test_triton_path_default_config_and_strided_input(num_tokens):
+    """Each tier of the default config, with tiles wider than H and I, and an x that is a non-contiguous view."""
     num_experts, top_k = 4, 2
+    tiers = {triton_moe.default_config(t * top_k, num_experts) for t in (1, 9, 40, 140)}
+    assert len(tiers) == 4
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2 * H, 9, generator=g).t()[:, :H]  # [9, H], row stride 1
-    routing = select_experts(torch.randn(9, num_experts, generator=g), RouterConfig(num_experts, top_k))
+    x = torch.randn(2 * H, num_tokens, generator=g).t()[:, :H]  # [T, H], row stride 1
+    routing = select_experts(torch.randn(num_tokens, num_experts, generator=g), RouterConfig(num_experts, top_k))
     _check_all_paths(x, *_weights(num_experts, torch.float32, seed=3), *routing, config=None)
 
 
