@@ -1,4 +1,5 @@
-"""Turns the last-position logits of a step into tokens: penalties, temperature, top-k/top-p/min-p, sampling.
+"""Turns the last-position logits of a step into tokens: logit bias, penalties, temperature, top-k/top-p/min-p,
+sampling.
 
 Greedy rows take the argmax. Random rows draw with the exponential race (argmax of p / Exp(1) noise), with a
 per-request torch.Generator when the request has a seed, so its tokens do not depend on the rest of the batch.
@@ -20,6 +21,13 @@ class TokenLogprobs:
     token_ids: list[int]
     logprobs: list[float]
     ranks: list[int]
+
+
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row of logits [V] plus OpenAI's logit_bias (token id -> bias), before penalties as in vLLM."""
+    ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+    logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
@@ -78,9 +86,11 @@ class Sampler:
         for i, request in enumerate(requests):
             params = request.sampling_params
             needs_min_tokens = request.num_output_tokens < params.min_tokens
-            if params.greedy and not params.uses_penalties and not needs_min_tokens:
+            if params.greedy and not params.changes_logits and not needs_min_tokens:
                 continue
             row = logits[i].clone()
+            if params.logit_bias:
+                row = apply_logit_bias(row, params)
             if params.uses_penalties:
                 row = apply_penalties(row, params, request.prompt_token_ids, request.output_token_ids)
             if needs_min_tokens:

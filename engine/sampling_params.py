@@ -1,6 +1,7 @@
 """Per-request sampling parameters, validated where they are made so that a bad value never reaches a batch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -22,6 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # number of top logprobs per sampled token (the sampled one is always added)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -31,6 +33,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -67,10 +70,21 @@ class SamplingParams:
             fail("prompt_logprobs", "must be >= 0")
         if any(not s for s in self.stop):
             fail("stop", "must not contain empty strings")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                    or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def changes_logits(self) -> bool:
+        """Anything that makes the sampled distribution differ from the model's raw one."""
+        return self.uses_penalties or bool(self.logit_bias)
 
     @property
     def uses_penalties(self) -> bool:

@@ -64,7 +64,8 @@ class RequestError(Exception):
 # ---- request → engine ---------------------------------------------------------------------------------------
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """The set fields of `msg` over SamplingParams' defaults; INVALID_ARGUMENT naming the field if one is bad."""
-    kwargs = {f.name: v if isinstance(v, (bool, int, float, str)) else list(v) for f, v in msg.ListFields()}
+    kwargs = {f.name: v if isinstance(v, (bool, int, float, str)) else dict(v) if f.message_type else list(v)
+              for f, v in msg.ListFields()}  # a map field (logit_bias) is a repeated message field
     for name, value in kwargs.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number, got {value}",

@@ -54,8 +54,6 @@ class SamplingRequest(OpenAIModel):
     def _check_shared(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
 
     @property
@@ -167,6 +165,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -174,6 +174,9 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("response_format other than text is not supported")
+        # Silently answering in plain text would look like a model that chose no tool: refuse instead.
+        if self.tools and self.tool_choice != "none":
+            raise ValueError('tool calling is not supported; send tool_choice "none" to have the tools ignored')
         return self
 
     @property

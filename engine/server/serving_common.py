@@ -86,9 +86,20 @@ def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprob
             n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop or [],
             stop_token_ids=request.stop_token_ids or [], ignore_eos=request.ignore_eos,
             skip_special_tokens=request.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            **optional)
+            logit_bias=_token_keyed(request.logit_bias), **optional)
     except (ValueError, TypeError) as e:
         raise from_value_error(ValueError(str(e))) from None
+
+
+def _token_keyed(logit_bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends logit_bias keyed by token ids written as strings."""
+    out = {}
+    for key, bias in (logit_bias or {}).items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}") from None
+    return out
 
 
 async def generate_tracked(ctx: ServingContext, prompt_ids: list[int], params: SamplingParams,

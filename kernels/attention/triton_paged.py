@@ -316,7 +316,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_SPLITS=num_splits,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_QUANT=kv_quant, KEYS_D_MAJOR=cfg.keys_d_major, DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
+        KV_QUANT=kv_quant, KEYS_D_MAJOR=cfg.keys_d_major,
+        DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -239,6 +239,29 @@ def test_sampling_follows_the_filtered_distribution(params):
         assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (expected, counts.tolist())
 
 
+def test_logit_bias_forces_bans_and_reweights():
+    logits = torch.tensor([[0.1, 3.0, 2.9, -1.0]])
+    assert Sampler()(logits, [make_request(temperature=0, logit_bias={3: 100})], [None])[0] == [3]
+    assert Sampler()(logits, [make_request(temperature=0, logit_bias={1: -100})], [None])[0] == [2]
+    # Sampling follows softmax((logits + bias) / T), the bias added before temperature as in vLLM / OpenAI.
+    base, bias, temperature, n = [1.0, 0.2, -0.5, 0.7], {0: -1.5, 2: 2.0}, 0.8, 20000
+    expected = reference_distribution([x + bias.get(i, 0.0) for i, x in enumerate(base)], temperature)
+    requests = [make_request(str(i), temperature=temperature, logit_bias=bias) for i in range(n)]
+    tokens, _ = Sampler()(torch.tensor([base]).expand(n, -1).contiguous(), requests,
+                          [torch.Generator().manual_seed(5)] * n)
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(base)).double() / n
+    for p, f in zip(expected, counts.tolist()):
+        assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (expected, counts.tolist())
+
+
+@pytest.mark.parametrize("bias, message", [({"3": 1.0}, "keys must be token ids"), ({-1: 1.0}, "keys"),
+                                           ({True: 1.0}, "keys"), ({3: 101}, "values must be numbers in .-100, 100."),
+                                           ({3: float("nan")}, "values"), ({3: "up"}, "values")])
+def test_logit_bias_validation(bias, message):
+    with pytest.raises(ValueError, match=f"logit_bias {message}"):
+        SamplingParams(logit_bias=bias)
+
+
 def test_logprobs_are_raw_with_ranks():
     logits = torch.tensor([[2.0, 1.0, 3.0, 0.0]])
     r = make_request(temperature=0.5, top_k=1, logprobs=2)

@@ -139,6 +139,14 @@ def test_n2_sampled_streams_both_choices(served):
         assert sum(len(c.token_ids) for c in chunks) == completes[0].completion_tokens == 8
 
 
+def test_logit_bias_forces_a_token(served, offline):
+    forced = next(t for t in range(100, 200) if t not in offline.text.outputs[0].token_ids)
+    sampling = greedy(max_tokens=3, ignore_eos=True, logit_bias={forced: 100.0})
+    request = pb.GenerateRequest(text=PROMPT, sampling=sampling)
+    responses = served.call(lambda stub, _: collect(stub.Generate(request)))
+    assert list(responses[0].chunk.token_ids) == [forced] * 3
+
+
 def test_cancelled_stream_aborts_request(served, async_engine):
     request = pb.GenerateRequest(text=PROMPT, sampling=greedy(max_tokens=200, ignore_eos=True), stream=True)
 
@@ -170,6 +178,9 @@ BAD_REQUESTS = {
     "no input": (dict(), "input"),
     "empty text": (dict(text=""), "text"),
     "token id out of range": (dict(token_ids=pb.TokenIds(ids=[1, 10**9])), "token_ids"),
+    "logit_bias=500": (dict(text=PROMPT, sampling=pb.SamplingParams(logit_bias={5: 500.0})), "sampling.logit_bias"),
+    "logit_bias token out of range": (dict(text=PROMPT, sampling=pb.SamplingParams(logit_bias={10**9: 1.0})),
+                                      "sampling.logit_bias"),
     "prompt over the context": (dict(token_ids=pb.TokenIds(ids=[1] * 300)), "token_ids"),
 }
 

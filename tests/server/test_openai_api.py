@@ -168,6 +168,30 @@ def test_every_sampling_parameter_is_accepted(client, reference):
     assert resp.choices[0].finish_reason == "stop" and resp.choices[0].stop_reason == ids[at]
 
 
+def test_logit_bias_steers_completions_and_chat(client, reference):
+    """+100 on a token the greedy output never picks makes every token that one; -100 on each greedy token in turn
+    moves the first token to the next best, as offline."""
+    greedy = offline(reference, PROMPTS[0], temperature=0, max_tokens=4, ignore_eos=True).outputs[0].token_ids
+    forced = next(t for t in range(100, 200) if t not in greedy)
+    resp = complete(client, PROMPTS[0], temperature=0, max_tokens=3, logit_bias={str(forced): 100},
+                    extra_body=NO_EOS)
+    assert resp.choices[0].text == reference.tokenizer.decode([forced] * 3)
+    banned = {str(greedy[0]): -100}
+    resp = complete(client, PROMPTS[0], temperature=0, max_tokens=1, logit_bias=banned, logprobs=0)
+    want = offline(reference, PROMPTS[0], temperature=0, max_tokens=1, logit_bias={greedy[0]: -100})
+    assert resp.choices[0].text == want.outputs[0].text and want.outputs[0].token_ids[0] != greedy[0]
+    msg = chat(client, temperature=0, max_tokens=2, logit_bias={str(forced): 100})
+    assert msg.choices[0].message.content == reference.tokenizer.decode([forced] * 2)
+
+
+def test_chat_tools_with_tool_choice_none_are_ignored(client):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    plain = chat(client, temperature=0, max_tokens=4)
+    resp = chat(client, temperature=0, max_tokens=4, tools=tools, tool_choice="none")
+    assert resp.choices[0].message.content == plain.choices[0].message.content
+    assert not resp.choices[0].message.tool_calls
+
+
 # ---- chat -----------------------------------------------------------------------------------------------------
 def test_chat_greedy_text_equals_offline(client, reference):
     want = reference.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
