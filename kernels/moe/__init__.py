@@ -17,10 +17,11 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, to
 
 @functools.lru_cache(maxsize=None)
 def select_moe_impl(device_type: str) -> ExpertsFn:
-    """fused_experts_triton on "cuda" when Triton is installed, else fused_experts_torch (x, w13, w2, ids, weights)."""
+    """On "cuda" with Triton installed, fused_experts_cuda (the Triton grouped GEMM, or the torch path for large
+    batches); else fused_experts_torch. Each takes (x, w13, w2, ids, weights)."""
     if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-        from kernels.moe.triton_moe import fused_experts_triton
-        return fused_experts_triton
+        from kernels.moe.triton_moe import fused_experts_cuda
+        return fused_experts_cuda
     return fused_experts_torch
 
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.moe.torch_moe import fused_experts_torch
+
 
 class BlockAlignment(NamedTuple):
     sorted_token_ids: torch.Tensor  # [T*k + E*(block_size-1)] int32 flat copy ids, padding = T*k
@@ -146,3 +148,18 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     _grouped_gemm(act, w2, down, align, 1, cfg, weights=topk_weights.reshape(-1).contiguous())
     out = down.view(num_tokens, top_k, -1).sum(dim=1)
     return out.to(x.dtype), align.tokens_per_expert
+
+
+# Above this many routed copies per expert, the torch path's per-expert cuBLAS GEMMs beat the grouped GEMM above on
+# an H100 (Mixtral-sized layer, k=2: T=256, 64 per expert, Triton 2.05 ms vs torch 2.46; T=1024, 256 per expert,
+# 3.03 vs 2.17; bench/results/gpu-h100-20261127-moe-defaults).
+TORCH_ABOVE_COPIES_PER_EXPERT = 128
+
+
+def fused_experts_cuda(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA path, chosen per call by batch size: the Triton grouped GEMM for decode-sized batches, the torch path
+    past TORCH_ABOVE_COPIES_PER_EXPERT routed copies per expert."""
+    if topk_ids.numel() > TORCH_ABOVE_COPIES_PER_EXPERT * w13.shape[0]:
+        return fused_experts_torch(x, w13, w2, topk_ids, topk_weights)
+    return fused_experts_triton(x, w13, w2, topk_ids, topk_weights)

@@ -125,4 +125,24 @@ def test_triton_path_default_config_and_strided_input(num_tokens):
 
 def test_select_moe_impl_keeps_torch_on_cpu():
     assert select_moe_impl("cpu") is fused_experts_torch
-    assert select_moe_impl("cuda") is triton_moe.fused_experts_triton
+    assert select_moe_impl("cuda") is triton_moe.fused_experts_cuda
+
+
+@pytest.mark.parametrize("num_tokens, path", [(9, "triton"), (4 * 64, "triton"), (4 * 64 + 1, "torch")])
+def test_cuda_path_takes_torch_past_the_copies_per_expert_bound(num_tokens, path, monkeypatch):
+    """4 experts, top-2: 4 * 64 tokens make exactly 128 copies per expert, the last Triton batch; both paths run
+    for real (Triton under the interpreter) and match the reference."""
+    assert triton_moe.TORCH_ABOVE_COPIES_PER_EXPERT == 128
+    calls = []
+    for name in ("fused_experts_triton", "fused_experts_torch"):
+        real = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    num_experts, top_k = 4, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(num_tokens, H, generator=g)
+    routing = select_experts(torch.randn(num_tokens, num_experts, generator=g), RouterConfig(num_experts, top_k))
+    w13, w2 = _weights(num_experts, torch.float32, seed=4)
+    on_device = [t.to(DEVICE) for t in (x, w13, w2, *routing)]
+    out, _ = triton_moe.fused_experts_cuda(*on_device)
+    assert calls == [f"fused_experts_{path}"]
+    torch.testing.assert_close(out.cpu(), moe_reference(x, w13, w2, *routing), **_tol(torch.float32))
