@@ -10,8 +10,8 @@ kv_dtype int8 / fp8_e4m3: a kv_quant.QuantizedKVCache with random codes and per-
 tiles in registers, the torch backend dequantizes (and un-rotates keys) on gather.
 Bytes counted: K and V of every cached token once per KV head (codes plus scales when quantized), plus q and out (a
 kernel that re-reads K/V, like a prefill's query tiles, can exceed the HBM peak on this count through cache hits).
-FLOPs: 4 * d per (query head, visible key). Timing: CUDA, triton.testing.do_bench's median (it clears L2 before each call: cold-cache timing);
-CPU, the median of `repeats` calls after one warm-up.
+FLOPs: 4 * d per (query head, visible key). Timing: CUDA, triton.testing.do_bench's median (it clears L2 before each
+call: cold-cache timing); CPU, the median of `repeats` calls after one warm-up.
 """
 from __future__ import annotations
 
