@@ -105,7 +105,8 @@ class ParallelConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     transport: str = "gloo"  # the A<->F data plane: "gloo" (torch.distributed) or "shm" (shared memory, one host)
     threads_per_worker: int | None = None  # torch threads per worker; None: the host's cores split evenly
-    moe_parallel: str = "adaptive"  # y > 1 FFN workers: "ep", "sliced", or chosen per layer pass (cluster/moe_parallel.py)
+    # y > 1 FFN workers: "ep", "sliced", or chosen per layer pass (cluster/moe_parallel.py)
+    moe_parallel: str = "adaptive"
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
