@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from kernels.attention.kv_quant import KVShape, QuantizedKVCache
-from kernels.attention.torch_paged import decode_attention, prefill_attention
+from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,8 +114,7 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
     if kernel == "decode":
         q = inputs["q_decode"]
         if "torch" in spec.backends:
-            pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
-            bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
+            bias = decode_mask_bias(seq_lens, tables.shape[1] * spec.block_size)
             calls["torch"] = lambda: decode_attention(q, kv, tables, bias, scale)
         if "triton" in spec.backends and device.type == "cuda":
             from kernels.attention.triton_paged import paged_decode

@@ -16,6 +16,7 @@ from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
 from kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from kernels.attention.kv_tiers import KVCacheSpec, KVStairTable, kv_cache_spec
+from kernels.attention.torch_paged import decode_mask_bias
 from models.hf_config import TransformerConfig, resolve_dtype
 from models.loader import load_model
 
@@ -129,14 +130,13 @@ class ModelRunner:
         # A decode needs only the blocks that hold its tokens; pad every table to the longest of them.
         max_blocks = -(-max(decode_lens, default=0) // bs)
         seq_lens = torch.tensor(decode_lens, dtype=torch.long)
-        pad = torch.arange(max_blocks * bs)[None, :] >= seq_lens[:, None]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             block_size=bs,
             num_decodes=len(decode_lens),
             decode_block_tables=torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables],
                                              dtype=torch.long).view(len(decode_tables), max_blocks),
-            decode_mask_bias=torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1),
+            decode_mask_bias=decode_mask_bias(seq_lens, max_blocks * bs),
             prefills=prefills,
             decode_seq_lens=seq_lens,
             kv_plan=self.kv_stairs.plan(kv_seqs) if self.kv_stairs else None,

@@ -34,7 +34,7 @@ import torch
 
 from bench.kernels import KernelBenchSpec, format_kernel_result, paged_inputs, run_kernel_bench, time_call, traffic
 from kernels.attention.kv_quant import rotate_keys
-from kernels.attention.torch_paged import decode_attention, prefill_attention
+from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = KernelBenchSpec(kernels=("decode",), batch=64, context=32768, kv_heads=8, head_dim=128, groups=(4, 8),
@@ -85,8 +85,7 @@ def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> boo
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_decode"]
     codes, kv_scale, q_kernel = _kernel_operands(kv, q)
     scale = spec.head_dim ** -0.5
-    pad = torch.arange(tables.shape[1] * spec.block_size, device=device)[None, :] >= seq_lens[:, None]
-    bias = torch.zeros(pad.shape, device=device).masked_fill_(pad, float("-inf")).unsqueeze(1)
+    bias = decode_mask_bias(seq_lens, tables.shape[1] * spec.block_size)
     splits = decode_num_splits(spec.batch, codes, tables,
                                decode_config(group, spec.head_dim, kv_scale is not None).block_n)
     return _agree(f"decode batch {spec.batch} x {spec.context} GQA {group} ({splits} splits){_kv_label(spec)}",

@@ -34,6 +34,13 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return kv_cache.index_select(2, block_ids).view(2, kv_heads, -1, head_dim)
 
 
+def decode_mask_bias(seq_lens: torch.Tensor, width: int) -> torch.Tensor:
+    """decode_attention's mask_bias for block tables `width` tokens wide: [B, 1, width], 0 for each sequence's
+    seq_lens[b] real tokens and -inf for the padding after them."""
+    pad = torch.arange(width, device=seq_lens.device)[None, :] >= seq_lens[:, None]
+    return torch.zeros(pad.shape, device=seq_lens.device).masked_fill_(pad, float("-inf")).unsqueeze(1)
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      mask_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, hd] -> [B, heads, hd].

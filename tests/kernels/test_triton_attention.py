@@ -27,7 +27,7 @@ triton_paged = import_triton_module("kernels.attention.triton_paged")
 
 from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
 from kernels.attention.kv_quant import KVShape, TokenScaledStore, rotate_keys  # noqa: E402
-from kernels.attention.torch_paged import decode_attention, prefill_attention  # noqa: E402
+from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,6 +68,14 @@ def _dense(q, kv, table, seq_len, scale):
     return torch.einsum("hnl,hld->nhd", probs, v)
 
 
+def _decode_oracles(q, kv, tables, seq_lens, scale):
+    """One query per sequence: (the torch backend's decode_attention, the float64 dense softmax)."""
+    bias = decode_mask_bias(torch.tensor(seq_lens), tables.shape[1] * kv.shape[3])
+    torch_out = decode_attention(q, kv, tables, bias, scale)
+    dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
+    return torch_out, dense
+
+
 def _on_device(*tensors):
     return [t.to(DEVICE) for t in tensors]
 
@@ -87,10 +95,7 @@ def test_decode_matches_torch_and_dense(case):
     q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
     scale = head_dim ** -0.5
     lens = torch.tensor(seq_lens)
-    pad = torch.arange(tables.shape[1] * block_size)[None, :] >= lens[:, None]
-    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
-    torch_out = decode_attention(q, kv, tables, bias, scale)
-    dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
+    torch_out, dense = _decode_oracles(q, kv, tables, seq_lens, scale)
     d_major = triton_paged.decode_config(group, head_dim)._replace(keys_d_major=True)  # key tiles loaded [hd, N]
     for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[0], d_major)]:
         out = triton_paged.paged_decode(*_on_device(q, kv, tables, lens), scale, num_splits=num_splits,
@@ -154,10 +159,7 @@ def test_quantized_cache_dequantized_in_the_kernel(case):
     q_rot = rotate_keys(q).to(dtype)
     scale = head_dim ** -0.5
     lens = torch.tensor(seq_lens)
-    pad = torch.arange(tables.shape[1] * block_size)[None, :] >= lens[:, None]
-    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).unsqueeze(1)
-    torch_out = decode_attention(q, kv, tables, bias, scale)
-    dense = torch.cat([_dense(q[s:s + 1], kv, tables[s], n, scale) for s, n in enumerate(seq_lens)])
+    torch_out, dense = _decode_oracles(q, kv, tables, seq_lens, scale)
     transposed = triton_paged.decode_config(group, head_dim, quantized=True)._replace(keys_d_major=False)
     for num_splits, config in [(n, None) for n in split_counts] + [(split_counts[-1], transposed)]:
         out = triton_paged.paged_decode(*_on_device(q_rot, codes, tables, lens), scale, num_splits=num_splits,
