@@ -103,24 +103,28 @@ def paged_inputs(spec: KernelBenchSpec, group: int, device: torch.device) -> dic
                                       dtype=dtype))
 
 
+def kernel_operands(kv, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(codes, kv_scale, q) as the Triton kernels take them: the cache tensor and q as they are, or a quantized
+    cache's codes, scales and queries rotated to match its keys (QuantizedKVCache.kernel_operands)."""
+    return (kv, None, q) if isinstance(kv, torch.Tensor) else kv.kernel_operands(q)
+
+
 def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch.device
                  ) -> dict[str, Callable[[], object]]:
     """backend name -> a call of that backend's kernel(s) on the inputs, for the spec's backends that can run here."""
     kv, tables, seq_lens = inputs["kv"], inputs["tables"], inputs["seq_lens"]
     scale = spec.head_dim ** -0.5
-    # What the Triton kernels read: the cache tensor, or a quantized cache's codes and scales.
-    codes, kv_scale = (kv, None) if isinstance(kv, torch.Tensor) else (kv.token_store.data, kv.token_store.scale)
+    q = inputs["q_decode" if kernel == "decode" else "q_prefill"]
+    codes, kv_scale, q_kernel = kernel_operands(kv, q)
     calls = {}
     if kernel == "decode":
-        q = inputs["q_decode"]
         if "torch" in spec.backends:
             bias = decode_mask_bias(seq_lens, tables.shape[1] * spec.block_size)
             calls["torch"] = lambda: decode_attention(q, kv, tables, bias, scale)
         if "triton" in spec.backends and device.type == "cuda":
             from kernels.attention.triton_paged import paged_decode
-            calls["triton"] = lambda: paged_decode(q, codes, tables, seq_lens, scale, kv_scale=kv_scale)
+            calls["triton"] = lambda: paged_decode(q_kernel, codes, tables, seq_lens, scale, kv_scale=kv_scale)
         return calls
-    q = inputs["q_prefill"]
     chunks = q.view(spec.batch, spec.chunk, *q.shape[1:])
     if "torch" in spec.backends:
         calls["torch"] = lambda: [prefill_attention(chunks[s], kv, tables[s], spec.context, scale)
@@ -128,7 +132,7 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
     if "triton" in spec.backends and device.type == "cuda":
         from kernels.attention.triton_paged import paged_attention
         starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
-        calls["triton"] = lambda: paged_attention(q, codes, tables, seq_lens, starts, spec.chunk, scale,
+        calls["triton"] = lambda: paged_attention(q_kernel, codes, tables, seq_lens, starts, spec.chunk, scale,
                                                   kv_scale=kv_scale)
     return calls
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels import KernelBenchSpec, format_kernel_result, paged_inputs, run_kernel_bench, time_call, traffic
-from kernels.attention.kv_quant import rotate_keys
+from bench.kernels import (KernelBenchSpec, format_kernel_result, kernel_operands, paged_inputs, run_kernel_bench,
+                           time_call, traffic)
 from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,14 +66,6 @@ def _agree(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 2e-2) -
     return ok
 
 
-def _kernel_operands(kv, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(codes, kv_scale, q) as the Triton kernels take them: a quantized cache holds rotated keys, so its queries are
-    rotated too (as TritonPagedAttention does), while the torch backend un-rotates keys on gather."""
-    if isinstance(kv, torch.Tensor):
-        return kv, None, q
-    return kv.token_store.data, kv.token_store.scale, rotate_keys(q).to(q.dtype)
-
-
 def _kv_label(spec: KernelBenchSpec) -> str:
     return "" if spec.kv_dtype == "auto" else f", KV {spec.kv_dtype}"
 
@@ -83,7 +75,7 @@ def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> boo
     from kernels.attention.triton_paged import decode_config, decode_num_splits, paged_decode
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_decode"]
-    codes, kv_scale, q_kernel = _kernel_operands(kv, q)
+    codes, kv_scale, q_kernel = kernel_operands(kv, q)
     scale = spec.head_dim ** -0.5
     bias = decode_mask_bias(seq_lens, tables.shape[1] * spec.block_size)
     splits = decode_num_splits(spec.batch, codes, tables,
@@ -98,7 +90,7 @@ def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bo
     from kernels.attention.triton_paged import paged_attention
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_prefill"]
-    codes, kv_scale, q_kernel = _kernel_operands(kv, q)
+    codes, kv_scale, q_kernel = kernel_operands(kv, q)
     scale = spec.head_dim ** -0.5
     starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
     out = paged_attention(q_kernel, codes, tables, seq_lens, starts, spec.chunk, scale, kv_scale=kv_scale)
@@ -115,7 +107,7 @@ def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int, bool]
     rows = []
     for group in spec.groups:
         inp = paged_inputs(spec, group, device)
-        codes, kv_scale, q = _kernel_operands(inp["kv"], inp["q_decode"])
+        codes, kv_scale, q = kernel_operands(inp["kv"], inp["q_decode"])
         tables, seq_lens = inp["tables"], inp["seq_lens"]
         del inp
         nbytes, _ = traffic("decode", spec, group)

@@ -261,6 +261,12 @@ class QuantizedKVCache:
                              f"int8 have one token-scaled store")
         return self.stores[0]
 
+    def kernel_operands(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scales, q) for a kernel that reads a token format in place: its keys are stored rotated, so the
+        queries are rotated to match (q.k = (qH).(kH))."""
+        store = self.token_store
+        return store.data, store.scale, rotate_keys(q).to(q.dtype)
+
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, plan) -> None:
         if plan is None:  # token formats
             self.stores[0].write_tokens(k, v, slot_mapping)

@@ -24,6 +24,14 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     slots.index_copy_(2, slot_mapping, torch.stack([k, v]).transpose(1, 2).to(kv_cache.dtype))
 
 
+def store_kv(kv_cache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """The step's new K/V into a plain cache tensor, or into a kv_quant.QuantizedKVCache (quantized on write)."""
+    if isinstance(kv_cache, torch.Tensor):
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+    else:
+        kv_cache.write(k, v, meta.slot_mapping, meta.kv_plan)
+
+
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """K and V of `block_ids` ([n]) laid end to end: [2, kv_heads, n * block_size, head_dim].
 
@@ -81,10 +89,7 @@ class TorchPagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # All K/V first: a request may attend to blocks another request of the same step is writing (prefix hits).
-        if isinstance(kv_cache, torch.Tensor):
-            write_kv(kv_cache, k, v, meta.slot_mapping)
-        else:
-            kv_cache.write(k, v, meta.slot_mapping, meta.kv_plan)
+        store_kv(kv_cache, k, v, meta)
         nd = meta.num_decodes
         if not meta.prefills:
             return decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale)

@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.kv_quant import rotate_keys
 from kernels.attention.metadata import AttentionMetadata
-from kernels.attention.torch_paged import write_kv
+from kernels.attention.torch_paged import store_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -346,16 +345,12 @@ class TritonPagedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        # All K/V first, as in TorchPagedAttention.
+        store_kv(kv_cache, k, v, meta)  # all K/V first, as in TorchPagedAttention
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if isinstance(kv_cache, torch.Tensor):
-            write_kv(kv_cache, k, v, meta.slot_mapping)
-            codes, kv_scale = kv_cache, None
-        else:  # a QuantizedKVCache of a token format: quantized on write, dequantized in the kernel
-            store = kv_cache.token_store
-            kv_cache.write(k, v, meta.slot_mapping, meta.kv_plan)
-            codes, kv_scale = store.data, store.scale
-            q = rotate_keys(q).to(q.dtype)  # its keys are stored rotated
+        # A token-format QuantizedKVCache is read in place: codes and scales, dequantized in the kernel.
+        codes, kv_scale = kv_cache, None
+        if not isinstance(kv_cache, torch.Tensor):
+            codes, kv_scale, q = kv_cache.kernel_operands(q)
         nd, device = meta.num_decodes, q.device
         if nd:
             if meta.decode_seq_lens is None:
