@@ -133,6 +133,18 @@ def greedy_tokens(next_logits, prompt: list[int], new_tokens: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def assert_outputs_match_reference(outs, prompts, new_tokens: int, next_logits) -> None:
+    """Engine outputs (greedy, logprobs=1) of `prompts` against a reference model's `next_logits(ids) -> [len(ids),
+    V]`: the same greedy tokens, and every sampled token's logprob within 1e-4."""
+    for prompt, out in zip(prompts, outs):
+        tokens = out.outputs[0].token_ids
+        assert tokens == greedy_tokens(next_logits, prompt, new_tokens)
+        with torch.no_grad():
+            ref = next_logits(prompt + tokens).log_softmax(-1)
+        for j, (token, lp) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+            assert abs(lp[token].logprob - ref[len(prompt) - 1 + j, token].item()) < 1e-4
+
+
 def swiglu(x, gate, up, down):
     return down @ (F.silu(gate @ x) * (up @ x))
 

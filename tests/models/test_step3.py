@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import greedy_tokens, assert_raw_logits_match, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
+from conftest import (assert_outputs_match_reference, assert_raw_logits_match, greedy_tokens, moe_token,
+                      rms_norm, rope, swiglu, write_byte_tokenizer)
 from engine import LLM, SamplingParams
 from models.hf_config import load_transformer_config
 
@@ -150,13 +151,7 @@ def test_step3_batched_greedy_equals_reference(tiny_step3):
     llm = LLM(str(model_dir), dtype="float32", block_size=16)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
-        tokens = out.outputs[0].token_ids
-        assert tokens == reference_greedy(w, cfg, prompt, NEW_TOKENS)
-        with torch.no_grad():
-            ref = reference_logits(w, cfg, prompt + tokens).log_softmax(-1)
-        for j, (token, lp) in enumerate(zip(tokens, out.outputs[0].logprobs)):
-            assert abs(lp[token].logprob - ref[len(prompt) - 1 + j, token].item()) < 1e-4
+    assert_outputs_match_reference(outs, PROMPTS, NEW_TOKENS, lambda ids: reference_logits(w, cfg, ids))
 
 
 @pytest.mark.parametrize("change,message", [
