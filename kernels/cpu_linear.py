@@ -3,6 +3,8 @@
 `F.linear` on a bf16/fp16 CPU tensor runs the same oneDNN kernel but reorders the weight into its blocked layout on
 every call; prepacking removes that (measured on the 2-core dev machine: ~35% less time per linear at batch 1 and
 32, bitwise-identical outputs). fp32 stays on F.linear (MKL), the path the transformers oracle uses.
+oneDNN packs bf16 / fp16 weights only on CPUs with the matching instructions (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or
+AMX); on others (an AVX2-only host) the weights stay unpacked and F.linear runs them.
 """
 from __future__ import annotations
 
@@ -13,8 +15,15 @@ _PACK_BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; it still 
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if weight.dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
