@@ -1,5 +1,5 @@
 """Paged attention kernel micro-benchmark: each kernel on synthetic paged caches, per GQA ratio, reporting achieved
-GB/s and, on CUDA, the fraction of the card's peak HBM bandwidth (../shared/specs/attention.md §7.5).
+GB/s and, on CUDA, the fraction of the card's peak HBM bandwidth (bench/kernels.HBM_PEAKS).
 
     decode   batch sequences of `context` cached tokens, one query token each
     prefill  batch chunks of `chunk` new tokens at the end of `context` cached tokens (prefix = context - chunk)
@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from kernels.attention.kv_quant import KVShape, QuantizedKVCache
-from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
+from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
+from afdserve.kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,7 +122,7 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
             bias = decode_mask_bias(seq_lens, tables.shape[1] * spec.block_size)
             calls["torch"] = lambda: decode_attention(q, kv, tables, bias, scale)
         if "triton" in spec.backends and device.type == "cuda":
-            from kernels.attention.triton_paged import paged_decode
+            from afdserve.kernels.attention.triton_paged import paged_decode
             calls["triton"] = lambda: paged_decode(q_kernel, codes, tables, seq_lens, scale, kv_scale=kv_scale)
         return calls
     chunks = q.view(spec.batch, spec.chunk, *q.shape[1:])
@@ -130,7 +130,7 @@ def kernel_calls(kernel: str, spec: KernelBenchSpec, inputs: dict, device: torch
         calls["torch"] = lambda: [prefill_attention(chunks[s], kv, tables[s], spec.context, scale)
                                   for s in range(spec.batch)]
     if "triton" in spec.backends and device.type == "cuda":
-        from kernels.attention.triton_paged import paged_attention
+        from afdserve.kernels.attention.triton_paged import paged_attention
         starts = torch.arange(0, spec.batch * spec.chunk + 1, spec.chunk, dtype=torch.int32, device=device)
         calls["triton"] = lambda: paged_attention(q_kernel, codes, tables, seq_lens, starts, spec.chunk, scale,
                                                   kv_scale=kv_scale)

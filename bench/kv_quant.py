@@ -15,10 +15,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.model_runner import kv_cache_spec_for
-from engine.sampling_params import SamplingParams
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.llm import LLM
+from afdserve.engine.model_runner import kv_cache_spec_for
+from afdserve.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

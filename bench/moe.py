@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from models.layers.linear import Linear
-from models.layers.moe import MoEBlock
-from models.layers.moe_router import Router, RouterConfig
+from afdserve.models.layers.linear import Linear
+from afdserve.models.layers.moe import MoEBlock
+from afdserve.models.layers.moe_router import Router, RouterConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

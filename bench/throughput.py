@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.llm_engine import LLMEngine
+from afdserve.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -9,9 +9,9 @@ import uuid
 
 import torch
 
-from cluster.afd_executor import init_ray
-from cluster.transport import create_shm_channels
-from cluster.worker_common import build_transport
+from afdserve.cluster.afd_executor import init_ray
+from afdserve.cluster.transport import create_shm_channels
+from afdserve.cluster.worker_common import build_transport
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""AFDExecutor: the executor interface (ARCHITECTURE.md, seam 5) over Ray actors, for any xAyF.
+"""AFDExecutor: the executor interface (docs/architecture.md, seam 5) over Ray actors, for any xAyF.
 
     EngineCore ──execute(SchedulerOutput)──► x AttentionWorkers (each: its requests' KV cache, attention, router,
                                               │                  LM head, sampler)
@@ -29,15 +29,15 @@ from pathlib import Path
 
 import ray
 
-from cluster.attention_worker import AttentionWorker
-from cluster.ffn_worker import FFNWorker
-from cluster.stage_timer import summarize
-from cluster.transport import create_shm_channels
-from engine.config import EngineConfig
-from engine.executor import WorkerFailedError
-from engine.model_runner import ModelRunnerOutput
-from engine.scheduler import SchedulerOutput
-from models.hf_config import TransformerConfig
+from afdserve.cluster.attention_worker import AttentionWorker
+from afdserve.cluster.ffn_worker import FFNWorker
+from afdserve.cluster.stage_timer import summarize
+from afdserve.cluster.transport import create_shm_channels
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.executor import WorkerFailedError
+from afdserve.engine.model_runner import ModelRunnerOutput
+from afdserve.engine.scheduler import SchedulerOutput
+from afdserve.models.hf_config import TransformerConfig
 
 logger = logging.getLogger(__name__)
 HEALTH_CHECK_S = 1.0

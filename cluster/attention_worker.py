@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from cluster.micro_batch import split_micro_batches
-from cluster.stage_timer import StageTimer
-from cluster.step_header import STEP, STOP, encode_header
-from cluster.worker_common import build_transport
-from engine.config import EngineConfig
-from engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
-from engine.scheduler import SchedulerOutput
-from models.hf_config import TransformerConfig
+from afdserve.cluster.micro_batch import split_micro_batches
+from afdserve.cluster.stage_timer import StageTimer
+from afdserve.cluster.step_header import STEP, STOP, encode_header
+from afdserve.cluster.worker_common import build_transport
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
+from afdserve.engine.scheduler import SchedulerOutput
+from afdserve.models.hf_config import TransformerConfig
 
 
 class AFDModelRunner(ModelRunner):

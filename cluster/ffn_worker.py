@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cluster.moe_parallel import MoEParallelPlanner
-from cluster.stage_timer import StageTimer
-from cluster.step_header import STOP, decode_header, empty_header
-from cluster.worker_common import build_transport, load_worker_model
-from engine.config import EngineConfig
-from models.hf_config import TransformerConfig
-from models.layers.moe_router import Routing
+from afdserve.cluster.moe_parallel import MoEParallelPlanner
+from afdserve.cluster.stage_timer import StageTimer
+from afdserve.cluster.step_header import STOP, decode_header, empty_header
+from afdserve.cluster.worker_common import build_transport, load_worker_model
+from afdserve.engine.config import EngineConfig
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.moe_router import Routing
 
 
 class FFNWorker:

@@ -1,7 +1,7 @@
 """Splitting one step's scheduled requests into micro-batches for the A<->F pipeline."""
 from __future__ import annotations
 
-from engine.scheduler import ScheduledRequest
+from afdserve.engine.scheduler import ScheduledRequest
 
 
 def split_micro_batches(scheduled: list[ScheduledRequest], m: int) -> list[list[int]]:

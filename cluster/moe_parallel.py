@@ -1,5 +1,5 @@
 """How a sharded MoE layer runs on the FFN workers, chosen per layer pass from the routed load (Tutel's adaptive
-parallelism switching, ../shared/specs/moe.md §3.2, over the layout of models/layers/moe.py's `shard_`).
+parallelism switching, arXiv:2206.03382, over the layout of models/layers/moe.py's `shard_`).
 
     expert-parallel: worker f runs the copies routed to its own experts, at full width. Its time follows its load,
                      so the step waits for the most loaded worker.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import MOE_PARALLEL_POLICIES
-from models.layers.mlp import shard_range
+from afdserve.engine.config import MOE_PARALLEL_POLICIES
+from afdserve.models.layers.mlp import shard_range
 
 
 @dataclass(frozen=True)

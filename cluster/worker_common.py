@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.transport import GlooTransport, ShmTransport, Transport
-from engine.config import EngineConfig
-from models.hf_config import TransformerConfig, resolve_dtype
-from models.loader import load_model
+from afdserve.cluster.transport import GlooTransport, ShmTransport, Transport
+from afdserve.engine.config import EngineConfig
+from afdserve.models.hf_config import TransformerConfig, resolve_dtype
+from afdserve.models.loader import load_model
 
 
 def load_worker_model(config: EngineConfig, model_dir: Path, model_config: TransformerConfig, max_model_len: int):

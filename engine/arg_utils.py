@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.config import KV_CACHE_DTYPES, MOE_PARALLEL_POLICIES, EngineConfig
-from engine.llm import engine_config
-from kernels.attention import ATTENTION_BACKENDS
+from afdserve.engine.config import KV_CACHE_DTYPES, MOE_PARALLEL_POLICIES, EngineConfig
+from afdserve.engine.llm import engine_config
+from afdserve.kernels.attention import ATTENTION_BACKENDS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -20,10 +20,10 @@ import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.llm_engine import LLMEngine
+from afdserve.engine.outputs import RequestOutput
+from afdserve.engine.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

@@ -5,12 +5,12 @@ import argparse
 import json
 import sys
 
-from engine.arg_utils import add_engine_args, engine_config_from_args
+from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+    from afdserve.engine.llm import LLM
+    from afdserve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed_request)
@@ -31,7 +31,7 @@ def _write_json(path: str | None, data) -> None:
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
-    from bench.throughput import ThroughputSpec, format_result, run_throughput
+    from afdserve.bench.throughput import ThroughputSpec, format_result, run_throughput
 
     spec = ThroughputSpec(args.num_requests, args.input_len, args.output_len, args.concurrency, args.bench_seed)
     result = run_throughput(engine_config_from_args(args), spec)
@@ -41,7 +41,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 
 
 def _bench_transport(args: argparse.Namespace) -> int:
-    from bench.transport import format_transport_result, run_transport_bench
+    from afdserve.bench.transport import format_transport_result, run_transport_bench
 
     results = [run_transport_bench(kind, args.steps, args.layers, args.tokens, args.hidden, args.transport_dtype)
                for kind in args.transports]
@@ -52,7 +52,7 @@ def _bench_transport(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve import ServeSpec, format_serve_result, run_serve_bench
+    from afdserve.bench.serve import ServeSpec, format_serve_result, run_serve_bench
 
     spec = ServeSpec(args.base_url, args.served_model, args.num_requests, args.input_len, args.output_len,
                      args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed)
@@ -63,7 +63,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 
 def _bench_moe(args: argparse.Namespace) -> int:
-    from bench.moe import MoEBenchSpec, format_moe_result, run_moe_bench
+    from afdserve.bench.moe import MoEBenchSpec, format_moe_result, run_moe_bench
 
     spec = MoEBenchSpec(args.hidden, args.intermediate, args.experts, args.top_k, tuple(args.tokens),
                         tuple(args.dtypes), args.repeats)
@@ -74,7 +74,7 @@ def _bench_moe(args: argparse.Namespace) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
-    from bench.kernels import KernelBenchSpec, format_kernel_result, run_kernel_bench
+    from afdserve.bench.kernels import KernelBenchSpec, format_kernel_result, run_kernel_bench
 
     spec = KernelBenchSpec(kernels=tuple(args.kernels), batch=args.batch, context=args.context, chunk=args.chunk,
                            kv_heads=args.kv_heads, head_dim=args.head_dim, groups=tuple(args.groups),
@@ -87,7 +87,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _bench_kv_quant(args: argparse.Namespace) -> int:
-    from bench.kv_quant import KVQuantBenchSpec, format_kv_quant_result, run_kv_quant_bench
+    from afdserve.bench.kv_quant import KVQuantBenchSpec, format_kv_quant_result, run_kv_quant_bench
 
     config = engine_config_from_args(args)
     spec = KVQuantBenchSpec(tuple(args.kv_dtypes), args.num_tokens, args.chunk)
@@ -98,12 +98,12 @@ def _bench_kv_quant(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.server.api_server import run_server
+    from afdserve.engine.server.api_server import run_server
     return run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.server.server_args import add_server_args
+    from afdserve.engine.server.server_args import add_server_args
 
     parser = argparse.ArgumentParser(prog="afdserve", description="LLM serving with attention-FFN disaggregation")
     sub = parser.add_subparsers(dest="command", required=True)

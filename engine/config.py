@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.attention import ATTENTION_BACKENDS
+from afdserve.kernels.attention import ATTENTION_BACKENDS
 
 
 @dataclass

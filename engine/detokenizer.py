@@ -7,8 +7,8 @@ itself is never returned. `stream_delta` holds back any tail that could still be
 """
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 _PREFIX_WINDOW = 5  # prompt tokens kept as context for the first output token

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections import ChainMap
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
+from afdserve.engine.config import SchedulerConfig
+from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, SchedulerStats
 
 
 class DataParallelScheduler:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.executor import Executor, WorkerFailedError
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampler import TokenLogprobs
-from engine.scheduler import Scheduler, SchedulerStats
-from engine.config import EngineConfig
-from engine.dp_scheduler import DataParallelScheduler
+from afdserve.engine.executor import Executor, WorkerFailedError
+from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.sampler import TokenLogprobs
+from afdserve.engine.scheduler import Scheduler, SchedulerStats
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.dp_scheduler import DataParallelScheduler
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The executor interface (ARCHITECTURE.md, seam 5): `execute(scheduler_output) -> ModelRunnerOutput`.
+"""The executor interface (docs/architecture.md, seam 5): `execute(scheduler_output) -> ModelRunnerOutput`.
 
 LocalExecutor runs the whole model in this process; cluster/ provides the AFD executor with the same contract.
 """
@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, ModelRunnerOutput
-from engine.scheduler import SchedulerOutput
-from models.hf_config import TransformerConfig
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from afdserve.engine.scheduler import SchedulerOutput
+from afdserve.models.hf_config import TransformerConfig
 
 
 class WorkerFailedError(RuntimeError):
@@ -47,6 +47,6 @@ def make_executor(config: EngineConfig, model_dir: Path, model_config: Transform
                   max_model_len: int) -> Executor:
     """LocalExecutor, or the AFD executor on Ray when `config.parallel.afd` is set."""
     if config.parallel.enabled:
-        from cluster.afd_executor import AFDExecutor  # Ray is imported only when AFD is asked for
+        from afdserve.cluster.afd_executor import AFDExecutor  # Ray is imported only when AFD is asked for
         return AFDExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)
     return LocalExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)

@@ -10,8 +10,8 @@ import hashlib
 from array import array
 from dataclasses import dataclass
 
-from engine.block_pool import BlockHash, BlockPool, KVBlock
-from engine.request import Request
+from afdserve.engine.block_pool import BlockHash, BlockPool, KVBlock
+from afdserve.engine.request import Request
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:

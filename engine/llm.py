@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from afdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from afdserve.engine.llm_engine import LLMEngine
+from afdserve.engine.outputs import RequestOutput
+from afdserve.engine.sampling_params import SamplingParams
 
 
 def engine_config(model: str = "smollm2", dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,

@@ -8,17 +8,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from engine.config import EngineConfig
-from engine.engine_core import EngineCore
-from engine.executor import make_executor
-from engine.model_runner import kv_cache_spec_for
-from engine.output_processor import OutputProcessor
-from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
-from models.hf_config import load_transformer_config
-from models.model_path import default_cache_dir, resolve_model_path
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.engine_core import EngineCore
+from afdserve.engine.executor import make_executor
+from afdserve.engine.model_runner import kv_cache_spec_for
+from afdserve.engine.output_processor import OutputProcessor
+from afdserve.engine.outputs import RequestOutput
+from afdserve.engine.request import Request
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.tokenizer import Tokenizer
+from afdserve.models.hf_config import load_transformer_config
+from afdserve.models.model_path import default_cache_dir, resolve_model_path
 
 
 class LLMEngine:

@@ -1,6 +1,6 @@
 """ModelRunner: owns the model and its KV cache; turns a SchedulerOutput into one forward pass and samples.
 
-Flat batch (ARCHITECTURE.md, seam 2): the step's chunks are laid end to end with no padding, decodes first:
+Flat batch (docs/architecture.md, seam 2): the step's chunks are laid end to end with no padding, decodes first:
     input_ids[T], positions[T], slot_mapping[T]; per sequence its blocks; logits only at the rows that need them.
 """
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
-from engine.scheduler import ScheduledRequest, SchedulerOutput
-from kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
-from kernels.attention.kv_quant import KVShape, QuantizedKVCache
-from kernels.attention.kv_tiers import KVCacheSpec, KVStairTable, kv_cache_spec
-from kernels.attention.torch_paged import decode_mask_bias
-from models.hf_config import TransformerConfig, resolve_dtype
-from models.loader import load_model
+from afdserve.engine.config import EngineConfig
+from afdserve.engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
+from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
+from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
+from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairTable, kv_cache_spec
+from afdserve.kernels.attention.torch_paged import decode_mask_bias
+from afdserve.models.hf_config import TransformerConfig, resolve_dtype
+from afdserve.models.loader import load_model
 
 
 @dataclass

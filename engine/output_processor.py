@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.engine_core import EngineCoreOutput
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from engine.sampler import TokenLogprobs
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from afdserve.engine.detokenizer import IncrementalDetokenizer
+from afdserve.engine.engine_core import EngineCoreOutput
+from afdserve.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from afdserve.engine.sampler import TokenLogprobs
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.tokenizer import Tokenizer
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import time
 
-from engine.sampling_params import SamplingParams
+from afdserve.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from afdserve.engine.request import Request
+from afdserve.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
+from afdserve.engine.config import SchedulerConfig
+from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request import Request, RequestStatus
 
 
 @dataclass

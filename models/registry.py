@@ -5,12 +5,12 @@ from typing import Callable
 
 from torch import nn
 
-from kernels.attention import AttentionBackend
-from models.hf_config import TransformerConfig
-from models.llama import LlamaForCausalLM, LlamaVariant
-from models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
-from models.prmoe import prmoe_moe_config
-from models.step3 import step3_moe_config, step3_variant
+from afdserve.kernels.attention import AttentionBackend
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.llama import LlamaForCausalLM, LlamaVariant
+from afdserve.models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
+from afdserve.models.prmoe import prmoe_moe_config
+from afdserve.models.step3 import step3_moe_config, step3_variant
 
 # (config, max positions, attention backend or None for the torch reference) -> model
 ModelFactory = Callable[[TransformerConfig, int, AttentionBackend | None], nn.Module]

@@ -1,4 +1,4 @@
-"""`Step3TextForCausalLM`: Step-3's text decoder (../shared/specs/afd.md §1-2), read from an HF-style checkpoint.
+"""`Step3TextForCausalLM`: Step-3's text decoder (arXiv:2507.19427), read from an HF-style checkpoint.
 
 The network is the Llama-family decoder of models/llama.py (pre-norm RMSNorm, RoPE, residual adds, the attention /
 FFN halves that AFD splits) with two Step-3 parts:
@@ -37,10 +37,10 @@ Ours: `moe.gate` -> `router.gate`, `moe.*` -> `mlp.experts.*` (one stacked param
 """
 from __future__ import annotations
 
-from models.hf_config import TransformerConfig
-from models.layers.moe_router import RouterConfig
-from models.llama import LlamaVariant
-from models.moe_config import MoEConfig, check_silu
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.moe_router import RouterConfig
+from afdserve.models.llama import LlamaVariant
+from afdserve.models.moe_config import MoEConfig, check_silu
 
 _MOE_FIELDS = ("moe_layers_enum", "moe_num_experts", "moe_top_k", "moe_intermediate_size", "share_expert_dim")
 

@@ -14,5 +14,5 @@ mkdir -p "$OUT/afdserve/v1"
     --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
     afdserve/v1/generation.proto
 # protoc writes imports relative to the proto root ("from afdserve.v1 import ..."); the package lives under engine.
-sed -i 's/^from afdserve\.v1 import /from engine.server.proto.afdserve.v1 import /' \
+sed -i "s/^from afdserve\.v1 import /from afdserve.engine.server.proto.afdserve.v1 import /" \
     "$OUT/afdserve/v1/generation_pb2_grpc.py"

@@ -4,6 +4,7 @@ transformers lacks (PRMoE, Step-3)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 
-from models.model_path import resolve_model_path
+from afdserve.models.model_path import resolve_model_path
+
+
+# The installed `afdserve` command. Not `python -m`, which would put the working directory on sys.path.
+AFDSERVE_COMMAND = [str(Path(sys.executable).parent / "afdserve")]
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +89,7 @@ def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top
     """Runs all prompts batched through the engine with greedy sampling, logprobs and prompt logprobs, and checks
     them against transformers: the same tokens, and every reported logprob within 1e-4 of transformers' log-softmax
     (with transformers' top-`top` tokens among those reported). Returns the engine's outputs."""
-    from engine import SamplingParams
+    from afdserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=top, prompt_logprobs=top)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -106,9 +111,9 @@ def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top
 def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> None:
     """Drives the engine's runner directly: a `prefill`-token chunk, then the rest one decode step at a time; the
     raw logits at every position equal transformers' forward within 1e-4."""
-    from engine import SamplingParams
-    from engine.request import Request
-    from engine.scheduler import ScheduledRequest
+    from afdserve import SamplingParams
+    from afdserve.engine.request import Request
+    from afdserve.engine.scheduler import ScheduledRequest
 
     runner = llm.engine.core.executor.runner
     request = Request("r", tokens, SamplingParams(temperature=0))

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
+from conftest import AFDSERVE_COMMAND
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
 
 
 def afdserve(*args: str) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).parent / "afdserve"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
-    return subprocess.run(command + list(args), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(AFDSERVE_COMMAND + list(args), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_generate_prints_the_offline_greedy_text(smollm2_dir):

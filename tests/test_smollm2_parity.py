@@ -4,7 +4,7 @@ with prefix caching on and off."""
 import pytest
 
 from conftest import hf_greedy
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 NEW_TOKENS = 64
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -23,7 +23,7 @@ FILLERS = ["Hello", "A long time ago " * 12, "import numpy as np\n" * 3]
 
 @pytest.fixture(scope="module")
 def reference(hf_smollm2, smollm2_dir):
-    from engine.tokenizer import Tokenizer
+    from afdserve.engine.tokenizer import Tokenizer
     tok = Tokenizer(smollm2_dir)
     ids = [tok.encode(p) for p in PROMPTS]
     return ids, [hf_greedy(hf_smollm2, p, NEW_TOKENS) for p in ids]

@@ -1,8 +1,8 @@
 """Paged attention kernel check on one CUDA GPU (H100 / H200): the Triton kernels (kernels/attention/triton_paged.py)
-for correctness, then their bandwidth at the target decode shape of ../shared/specs/attention.md §7.5:
+for correctness, then their bandwidth at the project's target decode shape (docs/architecture.md):
 32K context, batch 64, 8 KV heads, head_dim 128, GQA 4 and 8, bf16, block size 16.
 
-    python -m bench.gpu.attention_kernel_check [--out results.json] [--skip-tests] [--no-sweep]
+    python -m afdserve.bench.gpu.attention_kernel_check [--out results.json] [--skip-tests] [--no-sweep]
 
 1. tests/kernels/test_triton_attention.py under pytest, compiled on the GPU (--noconftest: tests/conftest.py imports
    gguf, which the GPU image lacks; this file needs nothing from it, and its engine test skips itself on CUDA).
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels import (KernelBenchSpec, format_kernel_result, kernel_operands, paged_inputs, run_kernel_bench,
-                           time_call, traffic)
-from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
+from afdserve.bench.kernels import (KernelBenchSpec, format_kernel_result, kernel_operands, paged_inputs,
+                                    run_kernel_bench, time_call, traffic)
+from afdserve.kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = KernelBenchSpec(kernels=("decode",), batch=64, context=32768, kv_heads=8, head_dim=128, groups=(4, 8),
@@ -72,7 +72,7 @@ def _kv_label(spec: KernelBenchSpec) -> str:
 
 def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
     """Triton decode (default config and split count) against the torch backend on the same device."""
-    from kernels.attention.triton_paged import decode_config, decode_num_splits, paged_decode
+    from afdserve.kernels.attention.triton_paged import decode_config, decode_num_splits, paged_decode
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_decode"]
     codes, kv_scale, q_kernel = kernel_operands(kv, q)
@@ -87,7 +87,7 @@ def check_decode(spec: KernelBenchSpec, group: int, device: torch.device) -> boo
 
 def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bool:
     """Triton varlen prefill (chunks of spec.chunk after the rest of spec.context) against the torch backend."""
-    from kernels.attention.triton_paged import paged_attention
+    from afdserve.kernels.attention.triton_paged import paged_attention
     inp = paged_inputs(spec, group, device)
     kv, tables, seq_lens, q = inp["kv"], inp["tables"], inp["seq_lens"], inp["q_prefill"]
     codes, kv_scale, q_kernel = kernel_operands(kv, q)
@@ -103,7 +103,7 @@ def check_prefill(spec: KernelBenchSpec, group: int, device: torch.device) -> bo
 def sweep_decode(spec: KernelBenchSpec, configs: list[tuple[int, int, int, bool]], device: torch.device,
                  peak_gbps: float | None) -> list[dict]:
     """Triton decode time per (group, BLOCK_N, warps, stages, keys_d_major); BLOCK_M stays decode_config's."""
-    from kernels.attention.triton_paged import AttentionKernelConfig, decode_config, paged_decode
+    from afdserve.kernels.attention.triton_paged import AttentionKernelConfig, decode_config, paged_decode
     rows = []
     for group in spec.groups:
         inp = paged_inputs(spec, group, device)

@@ -1,7 +1,7 @@
 """MoE kernel check on one CUDA GPU: the Triton path (kernels/moe/triton_moe.py) against the naive reference and the
 torch path, then timings of both paths for a Mixtral-8x7B-like layer (E=8, k=2, H=4096, I=14336, bf16).
 
-    python -m bench.gpu.moe_kernel_check [--tokens 1 16 64 256 1024 4096] [--sweep] [--out results.json]
+    python -m afdserve.bench.gpu.moe_kernel_check [--tokens 1 16 64 256 1024 4096] [--sweep] [--out results.json]
 
 Correctness runs the cases of tests/kernels/test_triton_moe.py compiled (not interpreted): T=1, T*k not a multiple of
 BLOCK_M, ragged N/K tiles, idle experts, tied router scores, fp32 and bf16. Timings use triton.testing.do_bench
@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from kernels.moe import fused_experts_torch, moe_reference
-from models.layers.moe_router import RouterConfig, select_experts
+from afdserve.kernels.moe import fused_experts_torch, moe_reference
+from afdserve.models.layers.moe_router import RouterConfig, select_experts
 
 SWEEP = [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
          (128, 256, 64, 8, 3)]
@@ -37,7 +37,7 @@ def _routing(logits, top_k):
 
 
 def _check_case(name, x, w13, w2, ids, weights, config=None) -> bool:
-    from kernels.moe.triton_moe import fused_experts_triton
+    from afdserve.kernels.moe.triton_moe import fused_experts_triton
     out, counts = fused_experts_triton(x, w13, w2, ids, weights, config)
     ref = moe_reference(*(t.cpu() for t in (x, w13, w2, ids, weights)))
     torch_out, torch_counts = fused_experts_torch(x, w13, w2, ids, weights)
@@ -55,7 +55,7 @@ def _check_case(name, x, w13, w2, ids, weights, config=None) -> bool:
 
 
 def check_correctness() -> bool:
-    from kernels.moe.triton_moe import MoEBlockConfig
+    from afdserve.kernels.moe.triton_moe import MoEBlockConfig
     hidden, inter, ok = 32, 24, True
     small = MoEBlockConfig(block_m=16, block_n=32, block_k=16)
     for dtype in (torch.float32, torch.bfloat16):
@@ -77,7 +77,7 @@ def check_correctness() -> bool:
     w13, w2 = _weights(8, 4096, 14336, torch.bfloat16)
     x = torch.randn(97, 4096, device="cuda").bfloat16()
     routing = _routing(torch.randn(97, 8, device="cuda"), 2)
-    from kernels.moe.triton_moe import fused_experts_triton
+    from afdserve.kernels.moe.triton_moe import fused_experts_triton
     out, _ = fused_experts_triton(x, w13, w2, *routing)
     torch_out, _ = fused_experts_torch(x, w13, w2, *routing)
     err = (out.float() - torch_out.float()).abs().max().item()
@@ -91,7 +91,7 @@ def check_correctness() -> bool:
 def time_paths(tokens, sweep, peak_tflops, peak_gbps, num_experts=8, top_k=2, hidden=4096, inter=14336):
     from triton.testing import do_bench
 
-    from kernels.moe.triton_moe import MoEBlockConfig, default_config, fused_experts_triton
+    from afdserve.kernels.moe.triton_moe import MoEBlockConfig, default_config, fused_experts_triton
     w13, w2 = _weights(num_experts, hidden, inter, torch.bfloat16)
     rows = []
     print(f"\nE={num_experts} k={top_k} H={hidden} I={inter} bf16; peak {peak_tflops} TFLOP/s, {peak_gbps} GB/s")

@@ -24,7 +24,6 @@ import secrets
 import signal
 import threading
 from collections.abc import Awaitable
-from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
 import uvicorn
@@ -33,16 +32,17 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
-from engine.async_engine import AsyncEngine
-from engine.server.errors import (APIError, engine_dead, from_exception, from_validation_errors,
-                                  install_error_handlers)
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                                    ModelList, TokenizeRequest)
-from engine.server.serving_chat import ChatServing
-from engine.server.serving_common import ServingContext
-from engine.server.serving_completions import CompletionServing
-from engine.server.serving_tokenization import TokenizationServing
+import afdserve
+from afdserve.engine.async_engine import AsyncEngine
+from afdserve.engine.server.errors import (APIError, engine_dead, from_exception, from_validation_errors,
+                                           install_error_handlers)
+from afdserve.engine.server.metrics import ServerMetrics
+from afdserve.engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                             ModelList, TokenizeRequest)
+from afdserve.engine.server.serving_chat import ChatServing
+from afdserve.engine.server.serving_common import ServingContext
+from afdserve.engine.server.serving_completions import CompletionServing
+from afdserve.engine.server.serving_tokenization import TokenizationServing
 
 logger = logging.getLogger("afdserve.server")
 Body = TypeVar("Body", bound=BaseModel)
@@ -52,7 +52,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
               model_root: str | None = None) -> FastAPI:
     ctx = ServingContext(engine, served_model_name, ServerMetrics(served_model_name, engine.stats, engine.stage_times))
     completions, chat, tokenization = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
-    app = FastAPI(title="afdserve", version=_afdserve_version())
+    app = FastAPI(title="afdserve", version=afdserve.__version__)
     app.state.serving = ctx
     install_error_handlers(app)
     if api_key:
@@ -87,7 +87,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/version")
     async def server_version() -> dict:
-        return {"version": _afdserve_version()}
+        return {"version": afdserve.__version__}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -179,13 +179,6 @@ class APIKeyMiddleware:
         return secrets.compare_digest(given, self.expected)
 
 
-def _afdserve_version() -> str:
-    try:
-        return version("afdserve")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 # ---- the process ----------------------------------------------------------------------------------------------
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, draining our way on SIGTERM/SIGINT:
@@ -238,7 +231,7 @@ async def _start_grpc(engine: AsyncEngine, host: str, port: int, served_model_na
     if not port:
         return None
     try:
-        from engine.server.grpc_server import start_grpc_server
+        from afdserve.engine.server.grpc_server import start_grpc_server
     except ImportError as e:
         logger.warning("gRPC is not available (%s); serving HTTP only", e)
         return None
@@ -262,7 +255,7 @@ async def _serve(engine: AsyncEngine, app: FastAPI, args) -> None:
 
 def run_server(args) -> int:
     """`afdserve serve`: builds the engine from the engine flags, serves until SIGTERM/SIGINT, drains, exits 0."""
-    from engine.arg_utils import engine_config_from_args
+    from afdserve.engine.arg_utils import engine_config_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncEngine(engine_config_from_args(args))

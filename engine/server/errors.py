@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDeadError, RequestAbortedError, RequestFailedError
-from engine.server.protocol import ErrorInfo, ErrorResponse
+from afdserve.engine.async_engine import EngineDeadError, RequestAbortedError, RequestFailedError
+from afdserve.engine.server.protocol import ErrorInfo, ErrorResponse
 
 # vLLM's (and the openai client's) names for the error classes the API returns.
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",

@@ -33,11 +33,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.server.proto.afdserve.v1 import generation_pb2 as pb
-from engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
+from afdserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from afdserve.engine.outputs import CompletionOutput, RequestOutput
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as pb
+from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

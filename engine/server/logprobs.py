@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.outputs import PositionLogprobs
-from engine.server.protocol import ChatLogprob, ChatLogprobToken, CompletionLogprobs
+from afdserve.engine.outputs import PositionLogprobs
+from afdserve.engine.server.protocol import ChatLogprob, ChatLogprobToken, CompletionLogprobs
 
 
 def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None],

@@ -11,14 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.server.errors import from_exception
-from engine.server.logprobs import chat_logprobs
-from engine.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
-                                    ChatCompletionStreamResponse, ChatResponseMessage, ChatStreamChoice,
-                                    DeltaMessage, UsageInfo)
-from engine.server.serving_common import (SSE_DONE, ServingContext, generate_tracked, new_tokens, sse,
-                                          to_sampling_params)
+from afdserve.engine.outputs import CompletionOutput, RequestOutput
+from afdserve.engine.server.errors import from_exception
+from afdserve.engine.server.logprobs import chat_logprobs
+from afdserve.engine.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest,
+                                             ChatCompletionResponse, ChatCompletionStreamResponse, ChatResponseMessage,
+                                             ChatStreamChoice, DeltaMessage, UsageInfo)
+from afdserve.engine.server.serving_common import (SSE_DONE, ServingContext, generate_tracked, new_tokens, sse,
+                                                   to_sampling_params)
 
 
 class ChatServing:

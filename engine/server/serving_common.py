@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from engine.async_engine import AsyncEngine, RequestFailedError
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.server.errors import APIError, from_value_error, model_not_found
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import SamplingRequest
+from afdserve.engine.async_engine import AsyncEngine, RequestFailedError
+from afdserve.engine.outputs import RequestOutput
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.server.errors import APIError, from_value_error, model_not_found
+from afdserve.engine.server.metrics import ServerMetrics
+from afdserve.engine.server.protocol import SamplingRequest
 
 SSE_DONE = "data: [DONE]\n\n"
 

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.server.errors import APIError, from_exception
-from engine.server.logprobs import completion_logprobs
-from engine.server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse,
-                                    CompletionStreamResponse, UsageInfo)
-from engine.server.serving_common import (SSE_DONE, ServingContext, generate_tracked, merge_streams, new_tokens,
-                                          sse, to_sampling_params)
+from afdserve.engine.outputs import CompletionOutput, RequestOutput
+from afdserve.engine.server.errors import APIError, from_exception
+from afdserve.engine.server.logprobs import completion_logprobs
+from afdserve.engine.server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse,
+                                             CompletionStreamResponse, UsageInfo)
+from afdserve.engine.server.serving_common import (SSE_DONE, ServingContext, generate_tracked, merge_streams,
+                                                   new_tokens, sse, to_sampling_params)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 token ids with the count and the context length; token ids back to text."""
 from __future__ import annotations
 
-from engine.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from engine.server.serving_common import ServingContext
+from afdserve.engine.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from afdserve.engine.server.serving_common import ServingContext
 
 
 class TokenizationServing:

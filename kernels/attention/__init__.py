@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from kernels.attention.metadata import AttentionMetadata, PrefillBatch, PrefillSeq
-from kernels.attention.torch_paged import TorchPagedAttention, kv_cache_shape, write_kv
+from afdserve.kernels.attention.metadata import AttentionMetadata, PrefillBatch, PrefillSeq
+from afdserve.kernels.attention.torch_paged import TorchPagedAttention, kv_cache_shape, write_kv
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
                             torch.Tensor]
@@ -31,7 +31,7 @@ def select_attention_backend(name: str, device: torch.device | str) -> Attention
         raise ValueError("attention backend 'triton' needs the triton package")
     import triton
 
-    from kernels.attention.triton_paged import TritonPagedAttention
+    from afdserve.kernels.attention.triton_paged import TritonPagedAttention
     if device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"attention backend 'triton' on {device.type} needs TRITON_INTERPRET=1 (Triton's interpreter)")
     return TritonPagedAttention()

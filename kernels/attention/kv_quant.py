@@ -1,11 +1,11 @@
 """Quantized KV cache: the quantizers, the per-block stores, and `QuantizedKVCache` (one per layer).
 
-Formats (specs/attention.md §5, §6):
+Formats (KIVI, arXiv:2402.02750; SAQ's staircase, arXiv:2410.18441):
     fp8_e4m3, int8   every token quantized on write: per-(token, head) symmetric absmax scale (fp16), no window.
                      Keys are quantized in a Walsh-Hadamard basis (rotate_keys): it spreads the few large RoPE'd key
                      channels over all channels, so E4M3's 3-bit mantissa error on them no longer dominates q.k
                      (SmolLM2 perplexity over 2,048 tokens: fp8 +0.98% plain, +0.28% rotated; int8 unchanged).
-    int4 (KIVI)      keys per channel over the block's tokens (group = block, spec §6.3 "P = G"), values per token
+    int4 (KIVI)      keys per channel over the block's tokens (KIVI's key group is the block), values per token
                      in groups of 32 channels; asymmetric min/max, fp16 scale and min; two codes per byte.
                      The newest R tokens stay in full precision (the window).
     saq              a staircase of such KIVI stores: a block steps down to fewer bits as it ages (kv_tiers.py).
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention.torch_paged import write_kv
+from afdserve.kernels.attention.torch_paged import write_kv
 
 FULL_BITS = 16  # a stair of 16 bits is the model dtype itself
 FP16_TINY = 2.0 ** -14  # smallest normal fp16: floor for stored scales, so that no scale rounds to 0
-FP8_E4M3_MAX = 448.0  # OCP E4M3FN (spec §6.2)
+FP8_E4M3_MAX = 448.0  # OCP E4M3FN
 VALUE_GROUP = 32  # KIVI's G: value channels that share one scale and min
 
 

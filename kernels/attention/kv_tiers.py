@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention.kv_quant import (FULL_BITS, FullPrecisionStore, KiviStore, KVShape, TokenScaledStore,
-                                        VALUE_GROUP)
+from afdserve.kernels.attention.kv_quant import (FULL_BITS, FullPrecisionStore, KiviStore, KVShape, TokenScaledStore,
+                                                 VALUE_GROUP)
 
 Stair = tuple[float, int]  # (age bound in tokens, bits)
 

@@ -1,4 +1,4 @@
-"""What an attention backend needs to know about one step's flat batch (ARCHITECTURE.md, seams 2 and 3).
+"""What an attention backend needs to know about one step's flat batch (docs/architecture.md, seams 2 and 3).
 
 The model runner orders each step's sequences decodes first, so tokens [0, num_decodes) are one-token decodes and
 the rest are prefill chunks. Built once per step and shared by every layer; the Python ints in `prefills` keep the

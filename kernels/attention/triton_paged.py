@@ -6,15 +6,15 @@ at position seq_len - n + i and seeing the keys at positions <= its own (a decod
     program (sequence s, query tile j, KV head h [x split]):
         rows   BLOCK_M = BLOCK_Q query tokens x G query heads of KV head h (row r: token j*BLOCK_Q + r // G,
                head h*G + r % G), padded to >= 16 for tl.dot and masked: a K/V tile is loaded once per KV head
-               and serves all G heads of its group (GQA/MQA packing, ../shared/specs/attention.md §7.3).
+               and serves all G heads of its group (GQA/MQA packing).
         keys   tokens [0, kv_end) of s, BLOCK_N per tile, token t read at (block_tables[s, t // P], t % P);
                online softmax in base 2 (scores * scale * log2 e), fp32 accumulators.
-        split  with NUM_SPLITS > 1 (FlashDecoding, §7.2) the program takes its 1/NUM_SPLITS of [0, kv_end) and
+        split  with NUM_SPLITS > 1 (FlashDecoding) the program takes its 1/NUM_SPLITS of [0, kv_end) and
                writes (o_split normalized by its own sum, lse_split) in fp32; _merge_splits_kernel then takes
                o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s (empty splits: lse = -inf).
                With one split the program writes the output directly.
 
-K/V tiles are loaded by _load_kv_tile, which also reads an int8 / fp8_e4m3 cache (§7.4): codes of one byte plus an
+K/V tiles are loaded by _load_kv_tile, which also reads an int8 / fp8_e4m3 cache: codes of one byte plus an
 fp16 scale per (K or V, head, token), kv_quant.TokenScaledStore's layout. The codes convert exactly to q's dtype and
 the scales, one per key token, are applied to the [BLOCK_M, BLOCK_N] scores and probabilities rather than to the
 [BLOCK_N, head_dim] tiles: q.(c_k s_k) = (q.c_k) s_k and sum_n p_n (c_v,n s_v,n) = sum_n (p_n s_v,n) c_v,n, 8x fewer
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.metadata import AttentionMetadata
-from kernels.attention.torch_paged import store_kv
+from afdserve.kernels.attention.metadata import AttentionMetadata
+from afdserve.kernels.attention.torch_paged import store_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -167,7 +167,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        # Natural-log LSE of the scaled logits, as the spec's LSE merge (and any other producer of partials) uses.
+        # Natural-log LSE of the scaled logits, as the split merge (and any other producer of partials) uses.
         lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         part = row * stride_pt + head * stride_ph + split * stride_ps
@@ -207,7 +207,7 @@ class AttentionKernelConfig(NamedTuple):
 
 
 def decode_config(group: int, head_dim: int, quantized: bool = False) -> AttentionKernelConfig:
-    """One query token: rows = the G heads (padded to 16), SGLang's grouped-decode shape (§7.3). Three pipeline stages:
+    """One query token: rows = the G heads (padded to 16), SGLang's grouped-decode shape. Three pipeline stages:
     on an H100 at 32K x 64 x 8 KV heads x 128 they took BLOCK_N 64 from 78% to 90% of HBM bandwidth at GQA 4
     (bench/results/gpu-h100-20261127). One-byte codes take key tiles twice as long, loaded head_dim-major: there an
     fp8 cache ran in 2.38 ms at BLOCK_N 128 with d-major keys, 2.69-2.71 ms with transposed ones and 3.3 ms at 64
@@ -225,7 +225,7 @@ def prefill_config(group: int, head_dim: int) -> AttentionKernelConfig:
 
 
 def num_kv_splits(num_programs: int, num_key_tiles: int, num_sms: int, max_splits: int = 128) -> int:
-    """FlashAttention-2's split heuristic (spec §7.2): no split when the programs nearly fill the SMs; otherwise the
+    """FlashAttention-2's split heuristic: no split when the programs nearly fill the SMs; otherwise the
     fewest splits whose wave efficiency is within 85% of the best, counting only split counts that change the
     tiles per split."""
     if num_programs >= 0.8 * num_sms:

@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from kernels.moe.reference import moe_reference
-from kernels.moe.torch_moe import ExpertPermutation, fused_experts_torch, permute_by_expert
+from afdserve.kernels.moe.reference import moe_reference
+from afdserve.kernels.moe.torch_moe import ExpertPermutation, fused_experts_torch, permute_by_expert
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                      tuple[torch.Tensor, torch.Tensor]]
@@ -20,7 +20,7 @@ def select_moe_impl(device_type: str) -> ExpertsFn:
     """On "cuda" with Triton installed, fused_experts_cuda (the Triton grouped GEMM, or the torch path for large
     batches); else fused_experts_torch. Each takes (x, w13, w2, ids, weights)."""
     if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-        from kernels.moe.triton_moe import fused_experts_cuda
+        from afdserve.kernels.moe.triton_moe import fused_experts_cuda
         return fused_experts_cuda
     return fused_experts_torch
 

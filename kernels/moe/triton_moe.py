@@ -17,7 +17,7 @@ because the interpreter (3.9) multiplies bf16 as its raw uint16 bits; bf16 produ
 result is the tensor-core one up to summation order. The kernel calls no @jit helper of Triton's standard library
 (tl.cdiv, tl.zeros): the interpreter runs those only if triton itself was imported under TRITON_INTERPRET.
 
-This is the layout of vLLM's fused_moe (../shared/specs/moe.md §5.1) without its GROUP_SIZE_M swizzle or tuned
+This is the layout of vLLM's fused_moe without its GROUP_SIZE_M swizzle or tuned
 configs. Same contract as kernels/moe/torch_moe.fused_experts_torch.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.moe.torch_moe import fused_experts_torch
+from afdserve.kernels.moe.torch_moe import fused_experts_torch
 
 
 class BlockAlignment(NamedTuple):

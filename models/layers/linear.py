@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.cpu_linear import can_prepack, linear, prepack
+from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
 
 
 class Linear(nn.Linear):

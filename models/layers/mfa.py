@@ -1,4 +1,4 @@
-"""Step-3's Multi-matrix Factorization Attention (MFA), ../shared/specs/afd.md §2: MQA whose query is low-rank.
+"""Step-3's Multi-matrix Factorization Attention (MFA, arXiv:2507.19427): MQA whose query is low-rank.
 
     [q_lat | k | v] = x @ W_qkv          q_lat [T, share_q_dim], k and v [T, kv_heads * head_dim]
     q = RMSNorm(q_lat) @ W_q             [T, heads * head_dim]   (`inter_norm`, `wq`)
@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import AttentionBackend, AttentionMetadata
-from models.hf_config import TransformerConfig
-from models.layers.linear import Linear
-from models.layers.norm import RMSNorm
-from models.layers.rotary import RopeTables, apply_rotary
+from afdserve.kernels.attention import AttentionBackend, AttentionMetadata
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.linear import Linear
+from afdserve.models.layers.norm import RMSNorm
+from afdserve.models.layers.rotary import RopeTables, apply_rotary
 
 
 class MFAttention(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.linear import Linear
+from afdserve.models.layers.linear import Linear
 
 
 class GatedMLP(nn.Module):

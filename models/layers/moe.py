@@ -2,12 +2,12 @@
 
     MoEBlock(x [T, H], routing) = Experts(x, topk_ids, topk_weights)            routed, kernels/moe
                                 + [sigmoid(shared_expert_gate(x)) *] shared_expert(x)
-    or, Residual-MoE (DeepSpeed-MoE `use_residual=True`, ../shared/specs/moe.md §1.2):
+    or, Residual-MoE (DeepSpeed-MoE `use_residual=True`, arXiv:2201.05596):
         coef = softmax(coefficient(x))   [T, 2], Linear(H, 2) with bias, in fp32
         MoEBlock(x, routing) = Experts(x, ...) * coef[:, 0] + residual_mlp(x) * coef[:, 1]
 
 Sharding (AFD with several FFN workers), one layout for two ways of running the routed experts (Tutel's adaptive
-parallelism, ../shared/specs/moe.md §3.2): `shard_` keeps worker f's contiguous range of whole experts AND slice f
+parallelism, arXiv:2206.03382): `shard_` keeps worker f's contiguous range of whole experts AND slice f
 of every expert's intermediate dimension. A pass runs either expert-parallel (whole local experts; copies routed
 to other workers' experts are skipped) or expert-sliced (every routed copy, at 1/world of the width) — chosen per
 pass from the routed load, with no weight moved. The price is memory: about 2/world of the experts per worker
@@ -15,7 +15,7 @@ instead of 1/world. The shared expert / residual MLP are always sliced. Either w
 whole block's (every term is linear in the parts, the per-token gate and mixing coefficients included).
 
 Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
-FFN worker unchanged (ARCHITECTURE.md, seam 1); the residual coefficient needs only x, so it is computed here.
+FFN worker unchanged (docs/architecture.md, seam 1); the residual coefficient needs only x, so it is computed here.
 Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of width n_shared * moe_intermediate_size;
 Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
 """
@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.moe import select_moe_impl
-from models.layers.linear import Linear
-from models.layers.mlp import GatedMLP, shard_range
-from models.layers.moe_router import Routing
+from afdserve.kernels.moe import select_moe_impl
+from afdserve.models.layers.linear import Linear
+from afdserve.models.layers.mlp import GatedMLP, shard_range
+from afdserve.models.layers.moe_router import Routing
 
 
 class Experts(nn.Module):

@@ -1,9 +1,10 @@
 """MoE routers: router logits [T, E] -> Routing(topk_ids [T, k] int64, topk_weights [T, k] fp32).
 
-Routing runs on the attention side of the layer split (ARCHITECTURE.md, seam 1): the decoder layer's `attn_half`
+Routing runs on the attention side of the layer split (docs/architecture.md, seam 1): the decoder layer's `attn_half`
 returns a `Routing` next to `ffn_input`, and the FFN half (in-process or in an FFN worker) only consumes it.
 
-Semantics, from ../shared/specs/moe.md §2.3 (scores and weights in fp32):
+Semantics, as in the families' reference implementations (DeepSeek-V2 arXiv:2405.04434, DeepSeek-V3
+arXiv:2412.19437; scores and weights in fp32):
 
     scores    = softmax(logits) | sigmoid(logits)                     RouterConfig.scoring
     choice    = scores (+ e_score_correction_bias, noaux_tc only: the bias steers selection, never the weights)
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.linear import Linear
+from afdserve.models.layers.linear import Linear
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import INTERPRET, import_triton_module, interpreter_env  # noqa: E402
+from afdserve.kernels.triton_interpret import INTERPRET, import_triton_module, interpreter_env  # noqa: E402
 
-triton_paged = import_triton_module("kernels.attention.triton_paged")
+triton_paged = import_triton_module("afdserve.kernels.attention.triton_paged")
 
-from bench.gpu import attention_kernel_check as check  # noqa: E402
+from afdserve.bench.gpu import attention_kernel_check as check  # noqa: E402
 
 TINY = replace(check.TARGET, batch=2, context=40, chunk=8, kv_heads=2, head_dim=16, groups=(3,), repeats=1,
                device="cpu")

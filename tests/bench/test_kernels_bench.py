@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from bench.kernels import KernelBenchSpec, hbm_peak, traffic
-from engine.cli import main
+from afdserve.bench.kernels import KernelBenchSpec, hbm_peak, traffic
+from afdserve.engine.cli import main
 
 
 def test_bench_kernels_writes_a_row_per_kernel_and_group(tmp_path, capsys):

@@ -4,8 +4,8 @@ chunks before it; the quantized path is asserted to have changed the result."""
 
 import pytest
 
-from bench.kv_quant import KVQuantBenchSpec, run_kv_quant_bench
-from engine.llm import engine_config
+from afdserve.bench.kv_quant import KVQuantBenchSpec, run_kv_quant_bench
+from afdserve.engine.llm import engine_config
 
 
 def perplexities(smollm2_dir, spec: KVQuantBenchSpec, **cache) -> dict[str, float]:

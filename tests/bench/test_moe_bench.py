@@ -1,7 +1,7 @@
 """`afdserve bench moe` on a tiny shape: it runs, prints its table and writes one JSON row per (dtype, tokens)."""
 import json
 
-from engine.cli import main
+from afdserve.engine.cli import main
 
 
 def test_bench_moe_writes_a_row_per_dtype_and_token_count(tmp_path, capsys):

@@ -3,8 +3,8 @@ and 3 micro-batches, with requests of mixed lengths so steps mix prefill chunks 
 import pytest
 
 from conftest import make_tiny_model
-from engine import LLM, SamplingParams
-from cluster.micro_batch import split_micro_batches
+from afdserve import LLM, SamplingParams
+from afdserve.cluster.micro_batch import split_micro_batches
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7], list(range(60, 90)), list(range(100, 117))]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

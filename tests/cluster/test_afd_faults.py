@@ -3,7 +3,7 @@ replaced, no KV block leaks, waiting requests survive, and later requests produc
 import ray
 
 from conftest import make_tiny_model
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7], list(range(60, 90))]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

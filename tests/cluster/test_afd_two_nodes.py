@@ -5,7 +5,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from conftest import make_tiny_model
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from kernels.moe import fused_experts_torch, moe_reference
-from models.layers.mlp import GatedMLP, shard_range
-from models.layers.moe import MoEBlock
-from models.layers.moe_router import Routing
+from afdserve.kernels.moe import fused_experts_torch, moe_reference
+from afdserve.models.layers.mlp import GatedMLP, shard_range
+from afdserve.models.layers.moe import MoEBlock
+from afdserve.models.layers.moe_router import Routing
 
 H, T, E, K = 16, 11, 6, 2
 
@@ -88,7 +88,7 @@ def test_one_shard_layout_serves_expert_parallel_and_expert_sliced_passes(world)
 
 
 def test_planner_picks_sliced_for_skewed_routing_only():
-    from cluster.moe_parallel import MoEParallelPlanner, worker_imbalance
+    from afdserve.cluster.moe_parallel import MoEParallelPlanner, worker_imbalance
     balanced = torch.tensor([[0, 3], [1, 4], [2, 5], [3, 0]])  # experts 0-2 on worker 0, 3-5 on worker 1
     skewed = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3]])  # 7 of 8 copies on worker 0
     assert worker_imbalance(balanced, E, 2) == 1.0

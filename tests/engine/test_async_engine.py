@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-import engine.async_engine as async_engine
-from engine.config import EngineConfig
+import afdserve.engine.async_engine as async_engine
+from afdserve.engine.config import EngineConfig
 
 
 class RecordingEngine:

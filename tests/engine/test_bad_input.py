@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import hf_greedy, make_tiny_model
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 CONTEXT = 64  # the engine's max_model_len here
 

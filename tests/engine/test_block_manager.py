@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from engine.block_pool import BlockPool
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from afdserve.engine.block_pool import BlockPool
+from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request import Request
+from afdserve.engine.sampling_params import SamplingParams
 
 BS = 4
 

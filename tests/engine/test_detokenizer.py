@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from afdserve.engine.detokenizer import IncrementalDetokenizer
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.tokenizer import Tokenizer
 
 FFFD = "\ufffd"
 TEXTS = [

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from test_scheduler import BS, check_no_leak, fake_token, make_request, prompt_of, reference_outputs
 
-from engine.config import SchedulerConfig
-from engine.dp_scheduler import DataParallelScheduler
-from engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.config import SchedulerConfig
+from afdserve.engine.dp_scheduler import DataParallelScheduler
+from afdserve.engine.kv_cache_manager import KVCacheManager
 
 
 def make_dp(ranks=2, num_blocks=32, budget=16, max_seqs=4) -> DataParallelScheduler:

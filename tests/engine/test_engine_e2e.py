@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, make_tiny_model
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 BIG_POOL = 256  # blocks of 16 tokens: far more than any test here needs, so nothing is ever preempted
 

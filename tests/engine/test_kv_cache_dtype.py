@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from engine import LLM, SamplingParams
-from engine.arg_utils import add_engine_args, engine_config_from_args
-from kernels.attention.kv_quant import QuantizedKVCache
+from afdserve import LLM, SamplingParams
+from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
+from afdserve.kernels.attention.kv_quant import QuantizedKVCache
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 60)), [7], list(range(100, 137))]
 NEW = 20

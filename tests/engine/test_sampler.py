@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from engine.request import Request
-from engine.sampler import Sampler, apply_penalties, filter_logits
-from engine.sampling_params import SamplingParams
+from afdserve.engine.request import Request
+from afdserve.engine.sampler import Sampler, apply_penalties, filter_logits
+from afdserve.engine.sampling_params import SamplingParams
 
 V = 64
 

@@ -13,11 +13,11 @@ from typing import NamedTuple
 
 import pytest
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from afdserve.engine.config import SchedulerConfig
+from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.scheduler import Scheduler, SchedulerOutput
 
 BS = 4
 VOCAB = 50

@@ -1,21 +1,21 @@
-"""Quantized KV cache: each quantizer against a plain-torch reference written from its formula (spec §5, §6),
+"""Quantized KV cache: each quantizer against a plain-torch reference written from its formula (KIVI, arXiv:2402.02750; SAQ, arXiv:2410.18441),
 packing, the int4 full-precision window, the saq staircase, and the real bytes behind the block count."""
 import math
 
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, parse_staircase
-from kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
-                                        TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
-                                        minmax_dequant, minmax_quant, pack_bits, rotate_keys, unpack_bits)
-from kernels.attention.kv_tiers import KVStairTable, kv_cache_spec
+from afdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, parse_staircase
+from afdserve.kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
+                                                 TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
+                                                 minmax_dequant, minmax_quant, pack_bits, rotate_keys, unpack_bits)
+from afdserve.kernels.attention.kv_tiers import KVStairTable, kv_cache_spec
 
 SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
 
 
 def ref_minmax(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """KIVI (spec §6.1) from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
+    """KIVI from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = ((hi - lo) / (2 ** bits - 1)).half().float()
     zero = lo.half().float()
@@ -212,13 +212,13 @@ def test_saq_steps_whole_blocks_down_at_the_configured_ages():
         return torch.stack([ref_minmax(x[0], bits, 1), ref_minmax(x[1].reshape(2, 16, 2, 32), bits, -1).reshape(
             2, 16, 64)])
 
-    # Each step re-quantizes the whole block from the previous stair's dequantized values (spec §5.2).
+    # Each step re-quantizes the whole block from the previous stair's dequantized values.
     expected = {0: blk, 1: kivi(blk, 8)}
     expected[2] = kivi(expected[1], 4)
     expected[3] = kivi(expected[2], 2)
     for L, st, values in history:
         assert torch.allclose(values, expected[st][:, :, :L], atol=1e-5), (L, st)
-    # Drift from re-quantizing (spec §5.3): bounded by the sum of each stair's half step.
+    # Drift from re-quantizing: bounded by the sum of each stair's half step.
     def half_steps(x, bits):
         return (x.amax(2, keepdim=True) - x.amin(2, keepdim=True))[0] / (2 ** bits - 1) / 2
     drift = (expected[3][0] - blk[0]).abs()

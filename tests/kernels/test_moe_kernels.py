@@ -2,8 +2,8 @@
 
 - The torch expert path (kernels/moe/torch_moe.py) equals the naive per-token loop (kernels/moe/reference.py),
   including tied router scores and experts that receive no tokens, and reports tokens per expert.
-- Routers (models/layers/moe_router.py) equal a per-token reference written from the spec's math
-  (../shared/specs/moe.md §2.3) and, where transformers has the gate, transformers' own router module
+- Routers (models/layers/moe_router.py) equal a per-token reference written from the routers' math
+  (DeepSeek-V2 arXiv:2405.04434, DeepSeek-V3 arXiv:2412.19437) and, where transformers has the gate, transformers' own router module
   (Mixtral, Qwen2-MoE, DeepSeek-V2 group-limited greedy, DeepSeek-V3 noaux_tc with correction bias).
 """
 import math
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from kernels.moe import fused_experts_torch, moe_reference, permute_by_expert
-from models.layers.moe_router import RouterConfig, Routing, select_experts
+from afdserve.kernels.moe import fused_experts_torch, moe_reference, permute_by_expert
+from afdserve.models.layers.moe_router import RouterConfig, Routing, select_experts
 
 H, I = 32, 24
 
@@ -80,7 +80,7 @@ def test_permutation_groups_rows_by_expert_in_token_order():
     assert perm.token_idx.tolist() == [0, 1, 3, 0, 2, 3, 1, 2]
 
 
-# ---- routers: the spec's math, one token at a time --------------------------------------------------------------
+# ---- routers: the math, one token at a time --------------------------------------------------------------
 
 
 def reference_route(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:

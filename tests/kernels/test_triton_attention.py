@@ -10,7 +10,7 @@ here from the math in float64, which reads each token straight from (block_table
 - the backend on a real step's metadata: a tiny random Llama generates the same greedy tokens with Triton forced
   under the interpreter as with the torch backend (prefill chunks with a cached prefix, decodes and both mixed),
   with a full-precision and with an fp8 KV cache;
-- num_kv_splits against hand-worked cases of the spec's rule, select_attention_backend, and bad input.
+- num_kv_splits against hand-worked cases of the split rule, select_attention_backend, and bad input.
 
 TRITON_INTERPRET is set only around this module's import of triton_paged and around its tests, as in
 test_triton_moe.py. With CUDA the compiled kernels run on the GPU (bench/gpu/attention_kernel_check.py runs this file
@@ -21,13 +21,13 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, interpreter_env  # noqa: E402
+from afdserve.kernels.triton_interpret import DEVICE, INTERPRET, import_triton_module, interpreter_env  # noqa: E402
 
-triton_paged = import_triton_module("kernels.attention.triton_paged")
+triton_paged = import_triton_module("afdserve.kernels.attention.triton_paged")
 
-from kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
-from kernels.attention.kv_quant import KVShape, TokenScaledStore, rotate_keys  # noqa: E402
-from kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention  # noqa: E402
+from afdserve.kernels.attention import TorchPagedAttention, select_attention_backend  # noqa: E402
+from afdserve.kernels.attention.kv_quant import KVShape, TokenScaledStore, rotate_keys  # noqa: E402
+from afdserve.kernels.attention.torch_paged import decode_attention, decode_mask_bias, prefill_attention  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -227,7 +227,7 @@ def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype):
     and steps that mix both, through ModelRunner's real metadata; fp8: the Triton kernel reads the codes that the
     torch backend dequantizes on gather."""
     from conftest import make_tiny_model  # tests/conftest.py needs gguf; the GPU check runs this file without it
-    from engine import LLM, SamplingParams
+    from afdserve import LLM, SamplingParams
 
     make_tiny_model(tmp_path, "llama")
     prompts = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]

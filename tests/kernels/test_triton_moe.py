@@ -15,12 +15,12 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels.triton_interpret import DEVICE, import_triton_module, interpreter_env  # noqa: E402
+from afdserve.kernels.triton_interpret import DEVICE, import_triton_module, interpreter_env  # noqa: E402
 
-triton_moe = import_triton_module("kernels.moe.triton_moe")
+triton_moe = import_triton_module("afdserve.kernels.moe.triton_moe")
 
-from kernels.moe import fused_experts_torch, moe_reference, select_moe_impl  # noqa: E402
-from models.layers.moe_router import RouterConfig, select_experts  # noqa: E402
+from afdserve.kernels.moe import fused_experts_torch, moe_reference, select_moe_impl  # noqa: E402
+from afdserve.models.layers.moe_router import RouterConfig, select_experts  # noqa: E402
 
 H, I = 32, 24
 SMALL = triton_moe.MoEBlockConfig(block_m=16, block_n=32, block_k=16)  # N=48 / K=24 and H=32 / K=24: ragged tiles

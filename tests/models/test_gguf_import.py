@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-import models.model_path as model_path
-from models.gguf_import import SOURCE_RECORD, import_gguf
-from models.model_path import SMOLLM2_ALIAS, packaged_smollm2_gguf, resolve_model_path
+import afdserve.models.model_path as model_path
+from afdserve.models.gguf_import import SOURCE_RECORD, import_gguf
+from afdserve.models.model_path import SMOLLM2_ALIAS, packaged_smollm2_gguf, resolve_model_path
 
 transformers = pytest.importorskip("transformers")
 

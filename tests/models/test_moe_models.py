@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import (TINY_COMMON, assert_raw_logits_match, generate_and_compare, make_tiny_model, randomize_weights,
                       write_byte_tokenizer)
-from engine import LLM, SamplingParams
-from models.layers.moe import MoEBlock
+from afdserve import LLM, SamplingParams
+from afdserve.models.layers.moe import MoEBlock
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
 NEW_TOKENS = 16
@@ -124,8 +124,8 @@ def test_tiny_moe_raw_logits_match_transformers(case, tmp_path):
 
 def test_layer_placement_follows_config(tmp_path):
     """Qwen: mlp_only_layers / decoder_sparse_step; DeepSeek: first_k_dense_replace / moe_layer_freq."""
-    from models.hf_config import load_transformer_config
-    from models.registry import build_model
+    from afdserve.models.hf_config import load_transformer_config
+    from afdserve.models.registry import build_model
 
     make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=6, num_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_sparse_step=2,

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_outputs_match_reference, greedy_tokens, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
-from engine import LLM, SamplingParams
-from models.hf_config import load_transformer_config
-from models.layers.moe import MoEBlock
-from models.layers.moe_router import Router, RouterConfig
-from models.registry import build_model
+from afdserve import LLM, SamplingParams
+from afdserve.models.hf_config import load_transformer_config
+from afdserve.models.layers.moe import MoEBlock
+from afdserve.models.layers.moe_router import Router, RouterConfig
+from afdserve.models.registry import build_model
 from server.server_process import MODEL_NAME, ServerProcess
 
 PRMOE_CONFIG = dict(

@@ -1,5 +1,5 @@
 """Step-3 (models/step3.py: MFA attention + shared-expert MoE) against a plain-torch reference written here from
-../shared/specs/afd.md §2, on tiny random checkpoints saved with safetensors under Step-3's weight names.
+the Step-3 paper (arXiv:2507.19427), on tiny random checkpoints saved with safetensors under Step-3's weight names.
 
     h = rms(x);  [q_lat | k | v] = h W_qkv;  q = rms(q_lat) W_q -> [T, heads, hd];  k, v: ONE head of hd
     q, k = RoPE(q), RoPE(k) over the whole head;  causal softmax(q k^T / sqrt(hd)) v;  x += o W_o
@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from conftest import (assert_outputs_match_reference, assert_raw_logits_match, greedy_tokens, moe_token,
                       rms_norm, rope, swiglu, write_byte_tokenizer)
-from engine import LLM, SamplingParams
-from models.hf_config import load_transformer_config
+from afdserve import LLM, SamplingParams
+from afdserve.models.hf_config import load_transformer_config
 
 STEP3_CONFIG = dict(
     architectures=["Step3TextForCausalLM"], model_type="step3_text", vocab_size=128, hidden_size=64,

@@ -3,7 +3,7 @@ greedy tokens equal, and logprobs at every prompt and output position within 1e-
 import pytest
 
 from conftest import assert_raw_logits_match, generate_and_compare, make_tiny_model
-from engine import LLM
+from afdserve import LLM
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
 NEW_TOKENS = 24

@@ -4,12 +4,13 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import AFDSERVE_COMMAND
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2"
@@ -27,7 +28,7 @@ class ServerProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
+        command = [*AFDSERVE_COMMAND, "serve", "--model", str(model_dir), "--dtype", "float32",
                    "--grpc-port", "0", "--port", str(self.port), "--served-model-name", MODEL_NAME,
                    "--max-model-len", str(MAX_MODEL_LEN), *extra_args]
         self._log = open(log_path, "w")

@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_tiny_model
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 from .server_process import MODEL_NAME, ServerProcess, command_line, descendant_pids, metric, wait_for
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.async_engine import EngineDeadError
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.scheduler import SchedulerStats
-from engine.server.api_server import build_app
+from afdserve.engine.async_engine import EngineDeadError
+from afdserve.engine.outputs import CompletionOutput, RequestOutput
+from afdserve.engine.scheduler import SchedulerStats
+from afdserve.engine.server.api_server import build_app
 
 
 class FakeTokenizer:

@@ -1,6 +1,6 @@
 """`afdserve bench serve` (the OpenAI-API load generator) against the real server: Poisson arrivals, streaming,
 usage; every request completes with exactly the asked-for tokens, and the server's /metrics agrees."""
-from bench.serve import ServeSpec, run_serve_bench
+from afdserve.bench.serve import ServeSpec, run_serve_bench
 
 from .server_process import metric
 

@@ -17,12 +17,12 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncEngine
-from engine.llm import engine_config
-from engine.server.grpc_server import start_grpc_server
-from engine.server.proto.afdserve.v1 import generation_pb2 as pb
-from engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
+from afdserve import LLM, SamplingParams
+from afdserve.engine.async_engine import AsyncEngine
+from afdserve.engine.llm import engine_config
+from afdserve.engine.server.grpc_server import start_grpc_server
+from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as pb
+from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2-test"

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from engine import LLM, SamplingParams
+from afdserve import LLM, SamplingParams
 
 from .server_process import MAX_MODEL_LEN, MODEL_NAME
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from engine.server.proto.afdserve.v1 import generation_pb2 as afdserve_dot_v1_dot_generation__pb2
+from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as afdserve_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
