@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
+from afdserve.bench.host import format_host, host_info
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.llm_engine import LLMEngine
 from afdserve.engine.sampling_params import SamplingParams
@@ -76,7 +77,8 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
     afd_times = engine.core.executor.stage_times() if config.parallel.enabled else None
     engine.shutdown()
     return {
-        "model": config.model.model, "dtype": config.model.dtype, "spec": asdict(spec),
+        "host": host_info(config.model.device),
+        "model": config.model.model, "dtype": config.model.dtype, "device": config.model.device, "spec": asdict(spec),
         "elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_per_s": out_tokens / elapsed,
         "requests_per_s": spec.num_requests / elapsed, "ttft": _stats(ttft), "tpot": _stats(tpot),
         "num_preemptions": stats.num_preemptions, "engine_steps": engine.core.num_steps,
@@ -87,7 +89,8 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
 def format_result(r: dict) -> str:
     s = r["spec"]
     return "\n".join([
-        f"model={r['model']} dtype={r['dtype']} requests={s['num_requests']} in={s['input_len']} "
+        format_host(r["host"]),
+        f"model={r['model']} dtype={r['dtype']} device={r['device']} requests={s['num_requests']} in={s['input_len']} "
         f"out={s['output_len']} concurrency={s['concurrency']}",
         f"elapsed {r['elapsed_s']:.1f} s, output {r['output_tok_per_s']:.1f} tok/s, "
         f"{r['requests_per_s']:.2f} req/s, preemptions {r['num_preemptions']}",

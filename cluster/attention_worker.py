@@ -79,7 +79,7 @@ class AFDModelRunner(ModelRunner):
         recv = self.transport.recv
         if len(self.ffn_ranks) == 1:
             return self.timer.wait(recv, torch.empty_like(like), self.ffn_ranks[0])
-        total = torch.zeros(like.shape, dtype=torch.float32)
+        total = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
         for ffn in self.ffn_ranks:
             total += self.timer.wait(recv, torch.empty_like(like), ffn)
         return total.to(like.dtype)

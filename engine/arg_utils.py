@@ -29,6 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", type=Path, default=None, help="default: $AFDSERVE_CACHE or ~/.cache/afdserve")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="auto: Triton kernels on CUDA, torch on CPU")
+    g.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     a = parser.add_argument_group("attention-FFN disaggregation")
     a.add_argument("--afd", default=None, metavar="xAyF", help="run x attention and y FFN workers on Ray, e.g. 1A1F")
     a.add_argument("--micro-batches", type=int, default=2)
@@ -49,4 +50,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, cache_dir=args.cache_dir, afd=args.afd,
         micro_batches=args.micro_batches, ray_address=args.ray_address, afd_transport=args.afd_transport,
         threads_per_worker=args.threads_per_worker, attention_backend=args.attention_backend,
-        moe_parallel=args.moe_parallel)
+        moe_parallel=args.moe_parallel, device=args.device)

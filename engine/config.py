@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from afdserve.kernels.attention import ATTENTION_BACKENDS
 
 
@@ -15,8 +17,10 @@ class ModelConfig:
     seed: int = 0  # for requests without a seed of their own
     cache_dir: Path | None = None  # where imported GGUF models live; None: $AFDSERVE_CACHE or ~/.cache/afdserve
     attention_backend: str = "auto"  # auto (Triton on CUDA, torch on CPU), torch, or triton
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved here
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -24,6 +28,23 @@ class ModelConfig:
                              f"got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; other names are checked against what this host has."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU on this host")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this host has {torch.cuda.device_count()} CUDA GPU(s)")
+    return str(device)
 
 
 @dataclass
@@ -142,6 +163,13 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        on_gpu = self.model.device != "cpu"
+        if on_gpu and self.cache.kv_cache_dtype in ("int4", "saq"):
+            raise ValueError(f"kv_cache_dtype {self.cache.kv_cache_dtype!r} keeps its staircase of stores on the "
+                             f"host: use device 'cpu', or kv_cache_dtype auto, fp8_e4m3 or int8 on {self.model.device}")
+        if on_gpu and self.parallel.enabled:
+            raise ValueError(f"afd runs its workers on the CPU (the transports move host tensors); use device 'cpu' "
+                             f"with afd, or drop afd to serve on {self.model.device}")
         if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
                              f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")

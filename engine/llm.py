@@ -16,10 +16,10 @@ def engine_config(model: str = "smollm2", dtype: str = "auto", max_model_len: in
                   max_num_batched_tokens: int = 2048, cache_dir=None, afd: str | None = None,
                   micro_batches: int = 2, ray_address: str | None = None, afd_transport: str = "gloo",
                   threads_per_worker: int | None = None, attention_backend: str = "auto",
-                  moe_parallel: str = "adaptive") -> EngineConfig:
+                  moe_parallel: str = "adaptive", device: str = "auto") -> EngineConfig:
     """The engine arguments as flat keywords (what the LLM class and the CLI take) folded into EngineConfig."""
     return EngineConfig(
-        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir, attention_backend),
+        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir, attention_backend, device),
         cache=CacheConfig(block_size, kv_cache_memory_gb, num_kv_blocks, enable_prefix_caching, kv_cache_dtype,
                           kv_window, kv_staircase),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),

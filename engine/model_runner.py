@@ -64,11 +64,12 @@ class ModelRunner:
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, model_config)
+        self.device = torch.device(config.model.device)
         self.kv_caches, self.kv_stairs = self._allocate_kv_caches(num_kv_blocks)
-        attention = select_attention_backend(config.model.attention_backend, "cpu")  # the KV caches live on the host
-        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention)
+        attention = select_attention_backend(config.model.attention_backend, self.device)
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device)
         self.sampler = Sampler()
-        self.default_generator = torch.Generator().manual_seed(config.model.seed)
+        self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs_given: dict[str, int] = {}  # request id -> prompt positions whose logprobs were sent
 
@@ -80,9 +81,10 @@ class ModelRunner:
         if spec.fmt == "auto":
             shape = kv_cache_shape(num_blocks, self.block_size, self.model_config.num_kv_heads,
                                    self.model_config.head_dim)
-            return [torch.zeros(shape, dtype=self.dtype) for _ in layers], None
+            return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers], None
         bits = [b for _, b in spec.stairs]
-        caches = [QuantizedKVCache(spec.shape, spec.fmt, num_blocks, bits, list(spec.stair_slots)) for _ in layers]
+        caches = [QuantizedKVCache(spec.shape, spec.fmt, num_blocks, bits, list(spec.stair_slots), self.device)
+                  for _ in layers]
         stairs = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, self.block_size) if spec.stairs else None
         return caches, stairs
 
@@ -100,7 +102,7 @@ class ModelRunner:
             self.prompt_logprobs_given.pop(rid, None)
 
     def compute_logits(self, batch: "FlatBatch", hidden: torch.Tensor) -> torch.Tensor:
-        rows = torch.tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
+        rows = self._tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
         return self.model.compute_logits(hidden[rows])
 
     # ---- batch ----------------------------------------------------------------------------------------------
@@ -123,26 +125,29 @@ class ModelRunner:
                 decode_tables.append(blocks)
                 decode_lens.append(seq_len)
             else:
-                prefills.append(PrefillSeq(row, n, seq_len, torch.tensor(blocks[:-(-seq_len // bs)])))
+                prefills.append(PrefillSeq(row, n, seq_len, self._tensor(blocks[:-(-seq_len // bs)])))
             wants_prompt_logprobs = bool(self._prompt_logprob_positions(item))
             wants_prompt.append(wants_prompt_logprobs)
             logits_rows.append((row, n) if wants_prompt_logprobs else (row + n - 1, 1))
         # A decode needs only the blocks that hold its tokens; pad every table to the longest of them.
         max_blocks = -(-max(decode_lens, default=0) // bs)
-        seq_lens = torch.tensor(decode_lens, dtype=torch.long)
+        seq_lens = self._tensor(decode_lens)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=self._tensor(slots),
             block_size=bs,
             num_decodes=len(decode_lens),
-            decode_block_tables=torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables],
-                                             dtype=torch.long).view(len(decode_tables), max_blocks),
+            decode_block_tables=self._tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables]
+                                             ).view(len(decode_tables), max_blocks),
             decode_mask_bias=decode_mask_bias(seq_lens, max_blocks * bs),
             prefills=prefills,
             decode_seq_lens=seq_lens,
             kv_plan=self.kv_stairs.plan(kv_seqs) if self.kv_stairs else None,
         )
-        return FlatBatch(order, torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta,
-                         logits_rows, wants_prompt)
+        return FlatBatch(order, self._tensor(input_ids), self._tensor(positions), meta, logits_rows, wants_prompt)
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        """A long tensor on the runner's device, built from host lists in one copy."""
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def sample(self, scheduled: list[ScheduledRequest], batch: FlatBatch, logits: torch.Tensor) -> ModelRunnerOutput:
@@ -191,5 +196,5 @@ class ModelRunner:
             return self.default_generator
         gen = self.generators.get(request.request_id)
         if gen is None:
-            gen = self.generators[request.request_id] = torch.Generator().manual_seed(seed)
+            gen = self.generators[request.request_id] = torch.Generator(self.device).manual_seed(seed)
         return gen

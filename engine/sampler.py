@@ -25,8 +25,8 @@ class TokenLogprobs:
 
 def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row of logits [V] plus OpenAI's logit_bias (token id -> bias), before penalties as in vLLM."""
-    ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-    logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+    logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 
@@ -34,13 +34,14 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
                     output_ids: list[int]) -> torch.Tensor:
     """One row of logits [V]. Repetition penalty over prompt and output; frequency/presence over the output."""
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         if len(seen):
             vals = logits[seen]
             p = params.repetition_penalty
             logits[seen] = torch.where(vals > 0, vals / p, vals * p)
     if (params.frequency_penalty or params.presence_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[-1]).to(logits)
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long, device=logits.device),
+                                minlength=logits.shape[-1]).to(logits)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits)
     return logits
 
@@ -96,7 +97,7 @@ class Sampler:
             if needs_min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(request.eos_token_ids))
                 if banned:
-                    row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+                    row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
             if params.greedy:
                 tokens[i] = int(row.argmax())
                 continue

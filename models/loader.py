@@ -140,11 +140,13 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 
 
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int,
-               attention: AttentionBackend | None = None) -> nn.Module:
-    """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference."""
+               attention: AttentionBackend | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference.
+    The weights are read on the host, cast, then moved to `device` (CPU-only packing happens after the move)."""
     model = build_model(cfg, max_positions, attention)
     load_weights(model, iter_safetensors(model_dir))
     cast_model(model, dtype)
+    model.to(device)
     model.eval().prepare_for_inference()
     return model
 

@@ -46,9 +46,10 @@ class AttentionMetadata:
     @functools.cached_property
     def prefill_batch(self) -> PrefillBatch:
         # Prefill chunks follow one another after the decodes, so the row offsets are the running chunk sizes.
+        device = self.slot_mapping.device
         return PrefillBatch(
             query_start_loc=torch.tensor([0, *itertools.accumulate(p.num_tokens for p in self.prefills)],
-                                         dtype=torch.int32),
-            seq_lens=torch.tensor([p.seq_len for p in self.prefills], dtype=torch.int32),
+                                         dtype=torch.int32).to(device),
+            seq_lens=torch.tensor([p.seq_len for p in self.prefills], dtype=torch.int32).to(device),
             block_tables=torch.nn.utils.rnn.pad_sequence([p.block_ids for p in self.prefills], batch_first=True),
             max_query_len=max(p.num_tokens for p in self.prefills))
