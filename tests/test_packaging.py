@@ -66,7 +66,10 @@ def test_the_console_script_points_into_the_package(wheel):
 
 
 def test_hugging_face_kernels_is_not_shadowed_by_the_source_tree():
-    """`make test` runs the pytest script, which does not put the repository root on sys.path."""
+    """`make test` runs the pytest script, which does not put the repository root on sys.path, and pytest collects
+    from tests/ (--confcutdir), so it does not import the root as a package either."""
+    on_path = {Path(p or ".").resolve() for p in sys.path}
+    assert REPO not in on_path and REPO.parent not in on_path
     spec = importlib.util.find_spec("kernels")
     if spec is not None and spec.origin is not None:
         assert not Path(spec.origin).resolve().is_relative_to(REPO / "kernels"), (
