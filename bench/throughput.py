@@ -13,6 +13,8 @@ from afdserve.bench.host import format_host, host_info
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.llm_engine import LLMEngine
 from afdserve.engine.sampling_params import SamplingParams
+from afdserve.models.hf_config import resolve_dtype
+from afdserve.models.loader import full_model_weight_bytes
 
 
 @dataclass
@@ -75,6 +77,10 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
     elapsed = time.perf_counter() - start
     stats = engine.core.stats()
     afd_times = engine.core.executor.stage_times() if config.parallel.enabled else None
+    step_bytes = list(engine.core.executor.decode_step_input_bytes) if config.parallel.enabled else []
+    worker_bytes = engine.core.executor.worker_weight_bytes() if config.parallel.enabled else None
+    model_bytes = full_model_weight_bytes(engine.model_config, resolve_dtype(config.model.dtype, engine.model_config),
+                                          engine.max_model_len)
     engine.shutdown()
     return {
         "host": host_info(config.model.device),
@@ -83,6 +89,9 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
         "requests_per_s": spec.num_requests / elapsed, "ttft": _stats(ttft), "tpot": _stats(tpot),
         "num_preemptions": stats.num_preemptions, "engine_steps": engine.core.num_steps,
         "afd": config.parallel.afd, "micro_batches": config.parallel.micro_batches, "afd_stage_times": afd_times,
+        # Median bytes of the step messages to the attention workers over pure decode steps (pickled, as sent).
+        "afd_step_input_bytes": float(np.median(step_bytes)) if step_bytes else None,
+        "model_weight_bytes": model_bytes, "worker_weight_bytes": worker_bytes,
     }
 
 
@@ -103,7 +112,11 @@ def _afd_lines(r: dict) -> list[str]:
     t = r.get("afd_stage_times")
     if not t:
         return []
-    return [f"AFD {r['afd']} m={r['micro_batches']}, per layer and step (incl. warm-up): attention "
+    w, whole = r["worker_weight_bytes"], r["model_weight_bytes"]
+    shares = ", ".join(f"{kind} {b / whole:.0%}" for kind in ("attention", "ffn") for b in w[kind])
+    return [f"AFD step input: median {r['afd_step_input_bytes']} bytes per decode step to the attention workers",
+            f"AFD weights per worker (share of the model's {whole / 2**20:.1f} MiB): {shares}",
+            f"AFD {r['afd']} m={r['micro_batches']}, per layer and step (incl. warm-up): attention "
             f"{t['attention_ms_per_layer']:.2f} ms, FFN {t['ffn_ms_per_layer']:.2f} ms, transfer (in send calls) "
             f"{t['transfer_ms_per_layer']:.2f} ms; waiting (the other side + receiving) attention {t['attention_wait_ms_per_layer']:.2f} ms, FFN {t['ffn_wait_ms_per_layer']:.2f} "
             f"ms; bubble attention {t['attention_bubble']:.0%}, FFN {t['ffn_bubble']:.0%}"]

@@ -20,8 +20,10 @@ are replaced too, since they are blocked mid-step on the dead peer and their KV 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -72,6 +74,8 @@ class AFDExecutor:
         self.attention_ranks = list(range(par.num_attention_workers))
         self.ffn_ranks = list(range(par.num_attention_workers, par.num_attention_workers + par.num_ffn_workers))
         self.num_restarts = 0
+        # Bytes of the step messages to the attention workers (pickled, as Ray sends them), per pure decode step.
+        self.decode_step_input_bytes: collections.deque[int] = collections.deque(maxlen=100_000)
         self._shm_handles = []
         self._latest_stage_times: dict | None = None
         self._stage_times_pending: list | None = None
@@ -115,6 +119,8 @@ class AFDExecutor:
             indices[item.rank].append(i)
         parts = [SchedulerOutput([scheduler_output.scheduled[i] for i in rank_indices],
                                  scheduler_output.finished_request_ids) for rank_indices in indices]
+        if all(s.num_tokens == 1 and s.new is None for s in scheduler_output.scheduled):
+            self.decode_step_input_bytes.append(sum(len(pickle.dumps(part)) for part in parts))
         results = self._wait_step([w.execute.remote(part) for w, part in zip(self.attention, parts)])
         self._refresh_stage_times()
         if len(results) == 1:
@@ -180,6 +186,12 @@ class AFDExecutor:
         attention = ray.get([w.stage_times.remote() for w in self.attention])
         ffn = ray.get([w.stage_times.remote() for w in self.ffn])
         return {**summarize(attention[0], ffn[0]), "workers": {"attention": attention, "ffn": ffn}}
+
+    def worker_weight_bytes(self) -> dict:
+        """Parameter bytes each worker holds: attention workers keep the attention side, FFN workers the MLPs /
+        experts (their shard, with several)."""
+        return {"attention": ray.get([w.weight_bytes.remote() for w in self.attention]),
+                "ffn": ray.get([w.weight_bytes.remote() for w in self.ffn])}
 
     def shutdown(self) -> None:
         try:

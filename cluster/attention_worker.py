@@ -23,9 +23,11 @@ from afdserve.engine.config import EngineConfig
 from afdserve.engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
 from afdserve.engine.scheduler import SchedulerOutput
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.loader import weight_bytes
 
 
 class AFDModelRunner(ModelRunner):
+    model_role = "attention"  # embeddings, attention, norms, routers, LM head: the FFN workers hold the rest
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         super().__init__(config, model_dir, model_config, num_kv_blocks, max_model_len)
@@ -36,7 +38,7 @@ class AFDModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.forget(sched.finished_request_ids)
+        self.requests.update(sched)
         groups = split_micro_batches(sched.scheduled, self.micro_batches)
         batches = [self.build_batch([sched.scheduled[i] for i in g]) for g in groups]
         hiddens = self.pipelined_forward(batches)
@@ -117,6 +119,9 @@ class AttentionWorker:
 
     def stage_times(self) -> dict:
         return self.runner.timer.times.as_dict()
+
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.runner.model)
 
     def stop_ffn(self) -> None:
         for ffn in self.runner.ffn_ranks:

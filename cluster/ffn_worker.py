@@ -20,9 +20,10 @@ import torch
 from afdserve.cluster.moe_parallel import MoEParallelPlanner
 from afdserve.cluster.stage_timer import StageTimer
 from afdserve.cluster.step_header import STOP, decode_header, empty_header
-from afdserve.cluster.worker_common import build_transport, load_worker_model
+from afdserve.cluster.worker_common import build_transport
 from afdserve.engine.config import EngineConfig
-from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.hf_config import TransformerConfig, resolve_dtype
+from afdserve.models.loader import load_model, weight_bytes
 from afdserve.models.layers.moe_router import Routing
 
 
@@ -32,7 +33,8 @@ class FFNWorker:
         torch.set_num_threads(threads)
         self.threads = threads
         self.rank = rank
-        self.model = load_worker_model(config, model_dir, model_config, max_model_len)
+        self.dtype = resolve_dtype(config.model.dtype, model_config)
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn")  # MLP / MoE only
         # Several FFN workers: each holds a shard, and MoE passes run expert-parallel or expert-sliced.
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         if num_ffn_workers > 1:
@@ -61,6 +63,9 @@ class FFNWorker:
     def stage_times(self) -> dict:
         return self.timer.times.as_dict()
 
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.model)
+
     @torch.inference_mode()
     def _serve(self, peers: list[int]) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it in this one too
@@ -71,7 +76,7 @@ class FFNWorker:
             self._step({peer: tokens for peer, (_, tokens) in zip(peers, headers)})
 
     def _step(self, tokens_per_micro_batch: dict[int, list[int]]) -> None:
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         timer, transport = self.timer, self.transport
 
         def recv(shape, dtype, peer: int) -> torch.Tensor:
@@ -81,7 +86,7 @@ class FFNWorker:
         if num_micro_batches == 0:
             return
         for layer in self.model.layers:
-            k = layer.router.top_k if layer.router is not None else 0
+            k = layer.top_k
             for j in range(num_micro_batches):
                 parts = [(peer, tokens[j]) for peer, tokens in tokens_per_micro_batch.items() if j < len(tokens)]
                 inputs, ids, weights = [], [], []

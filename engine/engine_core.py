@@ -75,11 +75,11 @@ class EngineCore:
         except WorkerFailedError as e:
             return [EngineCoreOutput(r.request_id, finish_reason=r.status.finish_reason, error=str(e))
                     for r in self.scheduler.fail_running()]
+        requests = [self.scheduler.requests[item.request_id] for item in sched.scheduled]  # before any finishes
         self.scheduler.update_from_output(sched.scheduled, result.sampled)
         self.num_steps += 1
         outputs = []
-        for item, token, logprobs in zip(sched.scheduled, result.sampled, result.logprobs):
-            request = item.request
+        for request, token, logprobs in zip(requests, result.sampled, result.logprobs):
             prompt_logprobs = result.prompt_logprobs.get(request.request_id)
             if token is None and prompt_logprobs is None:
                 continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from afdserve.engine.config import EngineConfig
+from afdserve.engine.request_state import RequestState, RequestStates
 from afdserve.engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
 from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
@@ -58,6 +59,7 @@ def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> 
 
 
 class ModelRunner:
+    model_role: str | None = None  # the whole model; an AFD attention worker's runner keeps the attention side
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         self.config = config
@@ -67,11 +69,11 @@ class ModelRunner:
         self.device = torch.device(config.model.device)
         self.kv_caches, self.kv_stairs = self._allocate_kv_caches(num_kv_blocks)
         attention = select_attention_backend(config.model.attention_backend, self.device)
-        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device)
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
+                                self.model_role)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
-        self.generators: dict[str, torch.Generator] = {}
-        self.prompt_logprobs_given: dict[str, int] = {}  # request id -> prompt positions whose logprobs were sent
+        self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairTable | None]:
         """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
@@ -90,16 +92,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.forget(sched.finished_request_ids)
+        self.requests.update(sched)
         batch = self.build_batch(sched.scheduled)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         return self.sample(sched.scheduled, batch, self.compute_logits(batch, hidden))
-
-    def forget(self, request_ids: set[str]) -> None:
-        """Drops the per-request state of finished requests."""
-        for rid in request_ids:
-            self.generators.pop(rid, None)
-            self.prompt_logprobs_given.pop(rid, None)
 
     def compute_logits(self, batch: "FlatBatch", hidden: torch.Tensor) -> torch.Tensor:
         rows = self._tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])
@@ -113,9 +109,10 @@ class ModelRunner:
         decode_tables, decode_lens, prefills, kv_seqs = [], [], [], []
         for i in order:
             item = scheduled[i]
-            start, n, blocks = item.start_pos, item.num_tokens, item.block_ids
+            state = self.requests[item.request_id]
+            start, n, blocks = item.start_pos, item.num_tokens, state.block_ids
             row = len(input_ids)
-            input_ids += item.token_ids
+            input_ids += state.token_ids(start, n)
             pos = range(start, start + n)
             positions += pos
             slots += [blocks[p // bs] * bs + p % bs for p in pos]
@@ -164,7 +161,7 @@ class ModelRunner:
                 last_rows.append(offset - 1)
                 sampling_items.append(i)
         if sampling_items:
-            requests = [scheduled[i].request for i in sampling_items]
+            requests = [self.requests[scheduled[i].request_id] for i in sampling_items]
             generators = [self._generator(r) for r in requests]
             tokens, logprobs = self.sampler(logits[last_rows], requests, generators)
             for i, tok, lp in zip(sampling_items, tokens, logprobs):
@@ -175,26 +172,25 @@ class ModelRunner:
         """The chunk's positions whose prompt logprobs are still owed; position p predicts prompt token p + 1.
 
         A recompute after preemption covers positions already given (and output tokens): those are skipped."""
-        request = item.request
+        request = self.requests[item.request_id]
         if request.sampling_params.prompt_logprobs is None:
             return range(0)
-        first = max(item.start_pos, self.prompt_logprobs_given.get(request.request_id, 0))
+        first = max(item.start_pos, request.num_prompt_logprobs_sent)
         return range(first, min(item.start_pos + item.num_tokens, request.num_prompt_tokens - 1))
 
     def _prompt_logprobs(self, item: ScheduledRequest, chunk_logits: torch.Tensor, out: ModelRunnerOutput) -> None:
-        request = item.request
+        request = self.requests[item.request_id]
         positions = self._prompt_logprob_positions(item)
         rows = chunk_logits[positions.start - item.start_pos:positions.stop - item.start_pos]
         targets = request.prompt_token_ids[positions.start + 1:positions.stop + 1]
         out.prompt_logprobs[request.request_id] = prompt_logprobs_for_chunk(
             rows, targets, request.sampling_params.prompt_logprobs)
-        self.prompt_logprobs_given[request.request_id] = positions.stop
+        request.num_prompt_logprobs_sent = positions.stop
 
-    def _generator(self, request) -> torch.Generator:
+    def _generator(self, request: RequestState) -> torch.Generator:
         seed = request.sampling_params.seed
         if seed is None:
             return self.default_generator
-        gen = self.generators.get(request.request_id)
-        if gen is None:
-            gen = self.generators[request.request_id] = torch.Generator(self.device).manual_seed(seed)
-        return gen
+        if request.generator is None:
+            request.generator = torch.Generator(self.device).manual_seed(seed)
+        return request.generator

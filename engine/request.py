@@ -1,7 +1,7 @@
 """A request's state inside the engine: its tokens, how many of them have KV computed, and its status.
 
-Each counter changes in one place: `num_computed_tokens` in Scheduler.schedule (advance) and Scheduler._preempt
-(reset); `output_token_ids` in Scheduler.update_from_output.
+Each counter changes in one place: `num_computed_tokens`, `num_sent_tokens` and `num_sent_blocks` in
+Scheduler._grant (advance) and Scheduler._preempt (reset); `output_token_ids` in Scheduler.update_from_output.
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # How many tokens and blocks the executor holds for this request: a step sends only what lies beyond.
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 until then
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afdserve.engine.request import Request
+from afdserve.engine.request_state import RequestState
 from afdserve.engine.sampling_params import SamplingParams
 
 
@@ -78,7 +78,7 @@ def _top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprobs:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list[Request],
+    def __call__(self, logits: torch.Tensor, requests: list[RequestState],
                  generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [B, V] float32, one row per request."""
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]

@@ -13,24 +13,35 @@ from dataclasses import dataclass, field
 from afdserve.engine.config import SchedulerConfig
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """What an executor learns of a request once: when it is first scheduled, and again when it resumes after a
+    preemption (its KV was freed, so the executor replaces what it kept)."""
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens sampled before a preemption; empty for a request scheduled the first time
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
 
 
 @dataclass
 class ScheduledRequest:
-    request: Request
+    """One request's share of a step, as plain data: what crosses to the executor and the AFD attention workers.
+
+    The executor keeps each request's tokens and block ids between steps (engine/request_state.py), so a running
+    request carries only what is new since it was last scheduled: the token sampled last step and the blocks
+    allocated since. The message does not grow with the context."""
+    request_id: str
     start_pos: int  # tokens before this chunk already have KV
     num_tokens: int  # tokens in this chunk
-    block_ids: list[int]
+    new_token_ids: list[int]  # tokens appended since the executor last saw the request (all in `new` when set)
+    new_block_ids: list[int]  # blocks allocated since the executor last saw the request
+    samples: bool  # the chunk reaches the end of the known tokens, so the step produces the next token
     rank: int = 0  # the attention rank whose KV cache holds the request (data-parallel attention)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start_pos:self.start_pos + self.num_tokens]
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the known tokens, so the step produces the next token."""
-        return self.start_pos + self.num_tokens == self.request.num_tokens
+    new: NewRequestData | None = None  # set the first time, and after a preemption
 
 
 @dataclass
@@ -123,15 +134,26 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_sent_tokens = request.num_sent_blocks = 0  # its executor state is stale: send it anew
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _grant(self, request: Request, num_new: int) -> ScheduledRequest:
-        scheduled = ScheduledRequest(request, request.num_computed_tokens, num_new,
-                                     self.kv.block_ids(request.request_id), self.rank)
+        block_ids = self.kv.block_ids(request.request_id)
+        new = None
+        if request.num_sent_tokens == 0:  # never sent, or resumed after a preemption
+            new = NewRequestData(request.request_id, list(request.prompt_token_ids),
+                                 list(request.output_token_ids), request.sampling_params, request.eos_token_ids)
+        scheduled = ScheduledRequest(
+            request.request_id, request.num_computed_tokens, num_new,
+            new_token_ids=[] if new else request.all_token_ids[request.num_sent_tokens:],
+            new_block_ids=block_ids[request.num_sent_blocks:],
+            samples=request.num_computed_tokens + num_new == request.num_tokens, rank=self.rank, new=new)
         request.num_computed_tokens += num_new
+        request.num_sent_tokens = request.num_tokens
+        request.num_sent_blocks = len(block_ids)
         return scheduled
 
     # ---- update ---------------------------------------------------------------------------------------------
@@ -142,8 +164,8 @@ class Scheduler:
         received a token this step."""
         updated = []
         for item, token in zip(scheduled, sampled):
-            request = item.request
-            if token is None or request.status is not RequestStatus.RUNNING:
+            request = self.requests.get(item.request_id)
+            if token is None or request is None or request.status is not RequestStatus.RUNNING:
                 continue
             request.append_output_token(token)
             updated.append(request)

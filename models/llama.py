@@ -73,6 +73,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = (MFAttention(cfg, variant.share_q_dim, attention) if variant.share_q_dim else
                           LlamaAttention(cfg, variant, attention))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.top_k = 0 if moe is None else moe.router.top_k  # experts per token (the FFN side needs only this)
         if moe is None:
             self.router = None
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
@@ -96,7 +97,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def ffn_half(self, ffn_input: torch.Tensor, routing: Routing | None = None,
                  expert_sliced: bool = False) -> torch.Tensor:
-        if self.router is None:
+        if not self.top_k:  # a dense layer (an FFN worker's layers keep no router: test top_k)
             return self.mlp(ffn_input)
         if routing is None:
             raise ValueError("an MoE layer's FFN half needs the routing computed by its attention half")
@@ -116,6 +117,8 @@ class LlamaForCausalLM(nn.Module):
     experts_stacked = False  # the checkpoint holds all experts of a projection in one tensor (models/loader.py)
     # Parameters (name suffixes) that stay fp32 whatever the model dtype (models/loader.cast_model).
     fp32_params: tuple[str, ...] = ()
+    # Module paths whose checkpoint tensors are skipped: the other side's weights on an AFD worker (prune_to_role).
+    pruned_prefixes: tuple[str, ...] = ()
 
     def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int,
                  moe: MoEConfig | None = None, attention: AttentionBackend | None = None):
@@ -140,6 +143,24 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_tied_head: torch.Tensor | None = None
 
+    def prune_to_role(self, role: str) -> None:
+        """Keeps one side of attention-FFN disaggregation, before the weights are loaded. "attention": embeddings,
+        attention, norms, routers and the LM head; "ffn": the MLPs / MoE blocks. `pruned_prefixes` tells the loader
+        which checkpoint tensors to skip."""
+        if role == "attention":
+            self.pruned_prefixes = tuple(f"layers.{i}.mlp." for i in range(len(self.layers)))
+            for layer in self.layers:
+                layer.mlp = None
+        elif role == "ffn":
+            self.pruned_prefixes = ("embed_tokens.", "norm.", "lm_head.", *(
+                f"layers.{i}.{part}." for i in range(len(self.layers))
+                for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "router")))
+            self.embed_tokens = self.norm = self.lm_head = self.rotary = None
+            for layer in self.layers:
+                layer.self_attn = layer.input_layernorm = layer.post_attention_layernorm = layer.router = None
+        else:
+            raise ValueError(f"role must be attention or ffn, got {role!r}")
+
     def shard_sizes(self, fused_name: str, rows: int) -> list[int]:
         """Row counts of the HF tensors stacked into one fused parameter of `rows` rows."""
         if fused_name == "qkv_proj":
@@ -161,8 +182,9 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.prepare_for_inference()
         # The tied LM head reads the embedding table as a linear weight: pack a copy of it too.
-        tied = self.embed_tokens.weight
-        self.packed_tied_head = prepack(tied) if self.lm_head is None and can_prepack(tied) else None
+        if self.embed_tokens is not None:
+            tied = self.embed_tokens.weight
+            self.packed_tied_head = prepack(tied) if self.lm_head is None and can_prepack(tied) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:

@@ -44,6 +44,8 @@ def load_weights(model: nn.Module, weights) -> None:
             continue  # tied to the embedding
         for theirs, ours in getattr(model, "param_renames", []):
             name = name.replace(theirs, ours)
+        if name.startswith(getattr(model, "pruned_prefixes", ())):
+            continue  # the other side's weights on an AFD worker
         if not (_load_expert(model, params, name, tensor, hf_name, loaded)
                 or _load_stacked(model, params, name, tensor, hf_name, loaded)):
             if name not in params:
@@ -140,10 +142,14 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 
 
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int,
-               attention: AttentionBackend | None = None, device: torch.device | str = "cpu") -> nn.Module:
+               attention: AttentionBackend | None = None, device: torch.device | str = "cpu",
+               role: str | None = None) -> nn.Module:
     """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference.
+    role: None for the whole model, or "attention" / "ffn" for one side of an AFD deployment (prune_to_role).
     The weights are read on the host, cast, then moved to `device` (CPU-only packing happens after the move)."""
     model = build_model(cfg, max_positions, attention)
+    if role is not None:
+        model.prune_to_role(role)
     load_weights(model, iter_safetensors(model_dir))
     cast_model(model, dtype)
     model.to(device)
@@ -160,3 +166,16 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
     params = dict(model.named_parameters())
     for name, data in saved.items():
         params[name].data = data.to(device=params[name].device, dtype=torch.float32)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters as loaded (not counting CPU-packed copies of linear weights)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def full_model_weight_bytes(cfg: TransformerConfig, dtype: torch.dtype, max_positions: int) -> int:
+    """weight_bytes of the whole model, computed on the meta device without reading or allocating weights."""
+    with torch.device("meta"):
+        model = build_model(cfg, max_positions)
+    cast_model(model, dtype)
+    return weight_bytes(model)

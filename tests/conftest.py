@@ -112,17 +112,19 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
     """Drives the engine's runner directly: a `prefill`-token chunk, then the rest one decode step at a time; the
     raw logits at every position equal transformers' forward within 1e-4."""
     from afdserve import SamplingParams
-    from afdserve.engine.request import Request
-    from afdserve.engine.scheduler import ScheduledRequest
+    from afdserve.engine.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
 
     runner = llm.engine.core.executor.runner
-    request = Request("r", tokens, SamplingParams(temperature=0))
+    new = NewRequestData("r", tokens, [], SamplingParams(temperature=0), frozenset())
     blocks = list(range(-(-len(tokens) // llm.engine.config.cache.block_size)))
     chunks = [(0, prefill)] + [(p, 1) for p in range(prefill, len(tokens))]
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0]
         for start, n in chunks:
-            batch = runner.build_batch([ScheduledRequest(request, start, n, blocks)])
+            item = (ScheduledRequest("r", start, n, [], blocks, False, new=new) if start == 0 else
+                    ScheduledRequest("r", start, n, [], [], False))
+            runner.requests.update(SchedulerOutput([item]))
+            batch = runner.build_batch([item])
             hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
             logits = runner.model.compute_logits(hidden)
             assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)

@@ -13,16 +13,20 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model(path, "llama")
+    hf = make_tiny_model(path, "llama")
     local = LLM(str(path), dtype="float32", max_num_batched_tokens=48)
     expected = [o.outputs[0].token_ids for o in local.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    return path, expected
+    # The oracle of role-pruned loading: transformers' own parameters, the MLPs' on the FFN side (fp32 bytes).
+    hf_bytes = {"ffn": 0, "attention": 0}
+    for name, p in hf.named_parameters():
+        hf_bytes["ffn" if ".mlp." in name else "attention"] += 4 * p.numel()
+    return path, expected, hf_bytes
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 @pytest.mark.parametrize("micro_batches", [1, 2, 3])
 def test_afd_1a1f_equals_local(tiny_llama, transport, micro_batches):
-    path, expected = tiny_llama
+    path, expected, hf_bytes = tiny_llama
     # A small token budget makes steps that mix decodes with chunked prefills.
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=48, afd="1A1F", micro_batches=micro_batches,
               afd_transport=transport)
@@ -35,6 +39,8 @@ def test_afd_1a1f_equals_local(tiny_llama, transport, micro_batches):
         assert times["attention_ms_per_layer"] > 0 and times["ffn_ms_per_layer"] > 0
         assert times["transfer_ms_per_layer"] > 0
         assert 0 <= times["attention_bubble"] < 1 and 0 <= times["ffn_bubble"] < 1
+        # Each worker loaded only its side of the checkpoint.
+        assert core_bytes(llm) == {"attention": [hf_bytes["attention"]], "ffn": [hf_bytes["ffn"]]}
     finally:
         llm.engine.shutdown()
 
@@ -49,6 +55,10 @@ def test_afd_1a1f_moe_equals_local(tmp_path):
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
     finally:
         llm.engine.shutdown()
+
+
+def core_bytes(llm: LLM) -> dict:
+    return llm.engine.core.executor.worker_weight_bytes()
 
 
 def test_micro_batches_cover_every_request_once_in_order():
@@ -66,12 +76,14 @@ def test_micro_batches_cover_every_request_once_in_order():
 def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport):
     """1A2F: each FFN worker holds half of every MLP's intermediate dimension and the attention side sums the two
     partials. 2A1F: requests split over two attention workers with their own KV caches; the FFN worker batches both."""
-    path, expected = tiny_llama
+    path, expected, hf_bytes = tiny_llama
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=48, afd=afd, micro_batches=micro_batches,
               afd_transport=transport)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         assert got == expected
+        x, y = int(afd[0]), int(afd[2])
+        assert core_bytes(llm) == {"attention": [hf_bytes["attention"]] * x, "ffn": [hf_bytes["ffn"] // y] * y}
         core = llm.engine.core
         assert core.num_free_blocks == len(core.kv_managers) * llm.engine.num_kv_blocks
         if afd.startswith("2A"):  # both attention workers served requests
@@ -103,6 +115,6 @@ def test_afd_sharded_moe_equals_local(tmp_path, afd, moe_parallel):
 
 @pytest.mark.parametrize("afd", ["3X", "0A1F", "1A0F", "A1F"])
 def test_malformed_afd_ratios_are_rejected_clearly(tiny_llama, afd):
-    path, _ = tiny_llama
+    path, _, _ = tiny_llama
     with pytest.raises(ValueError, match="must look like 1A1F"):
         LLM(str(path), dtype="float32", afd=afd)

@@ -10,6 +10,8 @@ from test_scheduler import BS, check_no_leak, fake_token, make_request, prompt_o
 from afdserve.engine.config import SchedulerConfig
 from afdserve.engine.dp_scheduler import DataParallelScheduler
 from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.request_state import RequestStates
+from afdserve.engine.scheduler import SchedulerOutput
 
 
 def make_dp(ranks=2, num_blocks=32, budget=16, max_seqs=4) -> DataParallelScheduler:
@@ -21,6 +23,7 @@ def drive(dp: DataParallelScheduler, max_steps=2000) -> dict[str, set[int]]:
     """Runs to completion; returns each request's ranks over its life."""
     slots: dict[tuple[int, int, int], tuple[int, ...]] = {}
     ranks_of: dict[str, set[int]] = {}
+    workers = [RequestStates() for _ in dp.ranks]  # what each attention worker rebuilds from its messages
     for _ in range(max_steps):
         if not dp.has_unfinished():
             return ranks_of
@@ -29,14 +32,21 @@ def drive(dp: DataParallelScheduler, max_steps=2000) -> dict[str, set[int]]:
             mine = [s for s in out.scheduled if s.rank == rank.rank]
             assert sum(s.num_tokens for s in mine) <= rank.config.max_num_batched_tokens
             assert len(rank.running) <= rank.config.max_num_seqs
+        for rank, states in zip(dp.ranks, workers):  # each attention worker gets its rank's share of the step
+            states.update(SchedulerOutput([s for s in out.scheduled if s.rank == rank.rank], out.finished_request_ids))
         for s in out.scheduled:
-            ranks_of.setdefault(s.request.request_id, set()).add(s.rank)
+            ranks_of.setdefault(s.request_id, set()).add(s.rank)
+            state = workers[s.rank][s.request_id]
+            tokens = dp.requests[s.request_id].all_token_ids
+            assert state.token_ids(0, state.num_tokens) == tokens
+            assert state.block_ids == dp.ranks[s.rank].kv.block_ids(s.request_id)
             for p in range(s.start_pos, s.start_pos + s.num_tokens):
-                slots[(s.rank, s.block_ids[p // BS], p % BS)] = tuple(s.request.all_token_ids[:p + 1])
+                slots[(s.rank, state.block_ids[p // BS], p % BS)] = tuple(tokens[:p + 1])
         for s in out.scheduled:
+            blocks, tokens = workers[s.rank][s.request_id].block_ids, dp.requests[s.request_id].all_token_ids
             for p in range(s.start_pos + s.num_tokens):
-                assert slots[(s.rank, s.block_ids[p // BS], p % BS)] == tuple(s.request.all_token_ids[:p + 1])
-        sampled = [fake_token(s.request.all_token_ids) if s.samples else None for s in out.scheduled]
+                assert slots[(s.rank, blocks[p // BS], p % BS)] == tuple(tokens[:p + 1])
+        sampled = [fake_token(dp.requests[s.request_id].all_token_ids) if s.samples else None for s in out.scheduled]
         dp.update_from_output(out.scheduled, sampled)
     raise AssertionError("the scheduler did not finish")
 
@@ -83,4 +93,5 @@ def test_abort_and_stats_cover_every_rank():
 
 def _step(dp: DataParallelScheduler):
     out = dp.schedule()
-    return out.scheduled, [fake_token(s.request.all_token_ids) if s.samples else None for s in out.scheduled]
+    return out.scheduled, [fake_token(dp.requests[s.request_id].all_token_ids) if s.samples else None
+                           for s in out.scheduled]

@@ -51,7 +51,7 @@ def record_grants(llm: LLM, monkeypatch) -> list[list[tuple[str, int, int]]]:
 
     def recording_schedule():
         out = schedule()
-        steps.append([(s.request.request_id, s.start_pos, s.num_tokens) for s in out.scheduled])
+        steps.append([(s.request_id, s.start_pos, s.num_tokens) for s in out.scheduled])
         return out
 
     monkeypatch.setattr(scheduler, "schedule", recording_schedule)

@@ -7,6 +7,7 @@ K/V computed from its own token prefix.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 import weakref
 from typing import NamedTuple
@@ -16,6 +17,7 @@ import pytest
 from afdserve.engine.config import SchedulerConfig
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.request_state import RequestStates
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.scheduler import Scheduler, SchedulerOutput
 
@@ -44,23 +46,35 @@ def prompt_of(seed: int, length: int) -> list[int]:
 
 
 class Shadow:
-    """Slot -> token prefix its K/V came from. Per step: all chunks write, then every chunk reads its context."""
+    """What an executor sees. The step messages are applied as an executor applies them (RequestStates), and the
+    tokens and blocks they rebuild must equal the scheduler's own Request and KV manager. Then slot -> the token
+    prefix its K/V came from: per step all chunks write, then every chunk reads its context."""
 
     def __init__(self):
         self.slots = {}
+        self.states = RequestStates()
 
-    def step(self, out: SchedulerOutput) -> None:
+    def step(self, sched: Scheduler, out: SchedulerOutput) -> None:
+        self.states.update(out)
+        tokens = {}
+        for s in out.scheduled:
+            state = self.states[s.request_id]
+            tokens[s.request_id] = state.token_ids(0, state.num_tokens)
+            assert tokens[s.request_id] == sched.requests[s.request_id].all_token_ids
+            assert state.block_ids == sched.kv.block_ids(s.request_id)
         written = set()
         for s in out.scheduled:
+            blocks = self.states[s.request_id].block_ids
             for p in range(s.start_pos, s.start_pos + s.num_tokens):
-                slot = (s.block_ids[p // BS], p % BS)
+                slot = (blocks[p // BS], p % BS)
                 assert slot not in written, "two chunks of one step write the same slot"
                 written.add(slot)
-                self.slots[slot] = tuple(s.request.all_token_ids[:p + 1])
+                self.slots[slot] = tuple(tokens[s.request_id][:p + 1])
         for s in out.scheduled:
+            blocks = self.states[s.request_id].block_ids
             for p in range(s.start_pos + s.num_tokens):
-                held = self.slots.get((s.block_ids[p // BS], p % BS))
-                assert held == tuple(s.request.all_token_ids[:p + 1]), f"{s.request.request_id} reads bad KV at {p}"
+                held = self.slots.get((blocks[p // BS], p % BS))
+                assert held == tuple(tokens[s.request_id][:p + 1]), f"{s.request_id} reads bad KV at {p}"
 
 
 SHADOWS: weakref.WeakKeyDictionary[Scheduler, Shadow] = weakref.WeakKeyDictionary()  # one per scheduler
@@ -77,9 +91,9 @@ def drive_step(sched: Scheduler, token_of=None, on_step=None) -> Step:
     running_before = list(sched.running)
     out = sched.schedule()
     check_step(sched, out, running_before)
-    shadow.step(out)
+    shadow.step(sched, out)
     samples = [s.samples for s in out.scheduled]
-    sampled = [(token_of or fake_token)(s.request.all_token_ids) if smp else None
+    sampled = [(token_of or fake_token)(sched.requests[s.request_id].all_token_ids) if smp else None
                for s, smp in zip(out.scheduled, samples)]
     if on_step is not None:
         on_step(sched, out, running_before)
@@ -104,15 +118,17 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[Requ
     assert not out.is_empty, "a step with unfinished requests must schedule something"
     assert 0 < out.num_tokens <= cfg.max_num_batched_tokens
     assert len(sched.running) <= cfg.max_num_seqs
-    ids = [s.request.request_id for s in out.scheduled]
+    ids = [s.request_id for s in out.scheduled]
     assert len(ids) == len(set(ids))
-    for s in out.scheduled:
+    requests = [sched.requests[s.request_id] for s in out.scheduled]
+    for s, request in zip(out.scheduled, requests):
         assert s.num_tokens >= 1
-        assert s.request.num_computed_tokens == s.start_pos + s.num_tokens <= s.request.num_tokens
-        assert len(s.block_ids) * BS >= s.start_pos + s.num_tokens
+        assert request.num_computed_tokens == s.start_pos + s.num_tokens <= request.num_tokens
+        assert s.samples == (s.start_pos + s.num_tokens == request.num_tokens)
+        assert len(sched.kv.block_ids(s.request_id)) * BS >= s.start_pos + s.num_tokens
     # Running requests come first, in running order; then newly admitted ones.
-    old = [s.request for s in out.scheduled if s.request in running_before]
-    assert [s.request for s in out.scheduled[:len(old)]] == old
+    old = [r for r in requests if r in running_before]
+    assert requests[:len(old)] == old
     assert old == [r for r in running_before if r in old]
 
 
@@ -163,11 +179,11 @@ def test_decodes_first_and_token_budget():
     for r in (a, b):
         sched.add_request(r)
     out = drive_step(sched).out
-    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("a", 4), ("b", 5)]
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("a", 4), ("b", 5)]
     c = make_request("c", prompt_of(5, 30), max_tokens=2)
     sched.add_request(c)
     out, samples = drive_step(sched)
-    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 1), ("c", 8)]
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 1), ("c", 8)]
     assert out.num_tokens == 10
     assert samples == [True, True, False]
 
@@ -179,7 +195,7 @@ def test_waiting_requests_admitted_in_arrival_order_within_budget():
         sched.add_request(r)
     out = sched.schedule()
     # 5 + 5 + 2 (chunk) tokens; the fourth waits.
-    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("0", 5), ("1", 5), ("2", 2)]
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("0", 5), ("1", 5), ("2", 2)]
     assert list(sched.waiting) == [reqs[3]]
 
 
@@ -307,7 +323,7 @@ def test_preempted_victim_is_the_newest_and_blocks_admissions():
     late = make_request("late", prompt_of(9, 3), max_tokens=1)
     sched.add_request(late)
     out = drive_step(sched).out  # 0 takes the free block; 1 needs one, so 2 (the newest) is preempted
-    assert [s.request.request_id for s in out.scheduled] == ["0", "1"]
+    assert [s.request_id for s in out.scheduled] == ["0", "1"]
     assert list(sched.waiting) == [reqs[2], late], "the victim goes to the front"
     assert sched.kv.num_free_blocks == 1, "late would fit, but nothing is admitted in a step that preempted"
     assert reqs[2].num_computed_tokens == 0 and reqs[2].status is RequestStatus.PREEMPTED
@@ -328,11 +344,11 @@ def test_no_admission_in_a_step_that_preempted():
     assert (len(sched.kv.req_blocks["a"]), len(sched.kv.req_blocks["b"]), len(sched.kv.req_blocks["c"])) == (3, 1, 3)
     # a fits; b takes the last free block; c needs one more, so it preempts itself and frees 3 blocks.
     out = drive_step(sched).out
-    assert [s.request.request_id for s in out.scheduled] == ["a", "b"]
+    assert [s.request_id for s in out.scheduled] == ["a", "b"]
     assert list(sched.waiting) == [c] and c.num_preemptions == 1
     assert sched.kv.num_free_blocks == 3, "c's next chunk (8 tokens, 2 blocks) would fit, yet it must wait a step"
     out = drive_step(sched).out
-    assert [(s.request.request_id, s.start_pos, s.num_tokens) for s in out.scheduled] == [("a", 11, 1),
+    assert [(s.request_id, s.start_pos, s.num_tokens) for s in out.scheduled] == [("a", 11, 1),
                                                                                           ("b", 5, 1), ("c", 0, 8)]
     run(sched, [])
     assert all(r.output_token_ids == reference_outputs(r.prompt_token_ids, 9) for r in (a, b, c))
@@ -348,7 +364,7 @@ def test_newest_request_preempts_itself():
     drive_step(sched)
     assert sched.kv.num_free_blocks == 0
     out = drive_step(sched).out
-    assert [s.request.request_id for s in out.scheduled] == ["0"]
+    assert [s.request_id for s in out.scheduled] == ["0"]
     assert sched.running == [] and list(sched.waiting) == [b], "0 finished, 1 waits at the front"
     assert b.status is RequestStatus.PREEMPTED and b.num_output_tokens == 1
     run(sched, [])
@@ -370,7 +386,8 @@ def test_tiny_pool_preempts_and_matches_large_pool(caching):
         gone = [r for r in running_before if r not in sched.running]
         if gone:
             assert gone == running_before[len(running_before) - len(gone):], "victims must be the newest"
-            assert all(s.request in running_before for s in out.scheduled), "no admissions when preempting"
+            assert all(sched.requests[s.request_id] in running_before for s in out.scheduled), \
+                "no admissions when preempting"
             assert list(sched.waiting)[:len(gone)] == gone
             assert all(r.num_computed_tokens == 0 for r in gone)
             victims.extend(gone)
@@ -463,3 +480,28 @@ def test_random_workload(seed):
         stopped = stops and len(expected) < r.max_tokens
         assert r.status is (RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_LENGTH)
     check_no_leak(sched)
+
+
+# ---- the step message -----------------------------------------------------------------------------------------
+def _decode_step_bytes(prompt_len: int) -> list[int]:
+    """Pickled sizes of the pure decode steps of 4 requests with prompts of `prompt_len` tokens."""
+    sched = make_scheduler(num_blocks=4 * (prompt_len // BS + 4), budget=4 * prompt_len, max_seqs=4,
+                           max_model_len=4096)
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", prompt_of(i, prompt_len), max_tokens=6))
+    sizes = []
+    while sched.has_unfinished():
+        step = drive_step(sched)
+        if all(s.num_tokens == 1 and s.new is None for s in step.out.scheduled):
+            sizes.append(len(pickle.dumps(step.out)))
+    return sizes
+
+
+def test_a_decode_step_message_does_not_grow_with_the_context():
+    short, long = _decode_step_bytes(16), _decode_step_bytes(1024)
+    assert short and long
+    assert max(long) <= 1.1 * min(short)
+    # A new request carries its prompt once: the first step of a long prompt is large.
+    sched = make_scheduler(budget=2048, num_blocks=600, max_model_len=4096)
+    sched.add_request(make_request("r", prompt_of(0, 1024)))
+    assert len(pickle.dumps(sched.schedule())) > 1024
