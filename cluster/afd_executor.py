@@ -94,7 +94,7 @@ class AFDExecutor:
                                                   rank, threads) for rank in self.attention_ranks]
         self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index,
                                       len(self.ffn_ranks)) for index, rank in enumerate(self.ffn_ranks)]
-        self._connect(par.transport, config, model_config)
+        self._connect(par.afd_transport, config, model_config)
         ray.get([ffn.start.remote(self.attention_ranks) for ffn in self.ffn])
 
     def _connect(self, kind: str, config: EngineConfig, model_config: TransformerConfig) -> None:

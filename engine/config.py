@@ -1,27 +1,43 @@
-"""Engine configuration: one typed config built at the entry point (LLM, CLI, server) and passed down."""
+"""Engine configuration: one typed config built at the entry point (LLM, CLI, server) and passed down.
+
+Each field below is declared once and is also an engine argument under the same flat name: the keyword
+`LLM(kv_cache_dtype=...)` / `engine_config(...)`, and the CLI flag `--kv-cache-dtype` (engine/arg_utils.py).
+Its default, type and help (with any choices or metavar for the CLI, in the field's metadata) serve all three.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from afdserve.kernels.attention import ATTENTION_BACKENDS
 
 
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field that is also an engine argument; `cli` holds extra argparse keywords (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
-    model: str = "smollm2"  # alias, HF-format directory, or .gguf file
-    dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
-    max_model_len: int | None = None  # default: the model's context length
-    seed: int = 0  # for requests without a seed of their own
-    cache_dir: Path | None = None  # where imported GGUF models live; None: $AFDSERVE_CACHE or ~/.cache/afdserve
-    attention_backend: str = "auto"  # auto (Triton on CUDA, torch on CPU), torch, or triton
-    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved here
+    model: str = option("smollm2", "alias 'smollm2', a .gguf file, or an HF model directory")
+    dtype: str = option("auto", "weights and activations; auto: the checkpoint's", choices=DTYPES)
+    max_model_len: int | None = option(None, "most tokens of prompt and output; default: the model's context length")
+    seed: int = option(0, "seed for requests without their own")
+    cache_dir: Path | None = option(None, "where imported GGUF models live; default: $AFDSERVE_CACHE or "
+                                          "~/.cache/afdserve")
+    attention_backend: str = option("auto", "auto: Triton kernels on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
+    # Resolved in __post_init__, so a config always names a concrete device.
+    device: str = option("auto", "auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
@@ -47,15 +63,21 @@ def resolve_device(name: str) -> str:
     return str(device)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "saq")
+STAIR_BITS = (16, 8, 4, 2)
+
+
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0  # KV pool size; num_kv_blocks overrides it
-    num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8_e4m3, int8, int4 (KIVI), saq (staircase)
-    kv_window: int = 128  # int4: the newest tokens kept in full precision (KIVI's R)
-    kv_staircase: str = "128:16,256:8,384:4,inf:2"  # saq: "age:bits,...", see parse_staircase
+    block_size: int = option(16, "tokens per KV block: 8, 16, 32, 64 or 128")
+    kv_cache_memory_gb: float = option(1.0, "KV pool size in GB; --num-kv-blocks overrides it")
+    num_kv_blocks: int | None = option(None, "KV pool size in blocks; overrides --kv-cache-memory-gb")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of a prompt prefix computed before")
+    kv_cache_dtype: str = option("auto", "KV cache storage: the model dtype, fp8/int8 per token, int4 (KIVI) or saq "
+                                         "(staircase)", choices=KV_CACHE_DTYPES)
+    kv_window: int = option(128, "int4: newest tokens kept in full precision (KIVI's R)")
+    kv_staircase: str = option("128:16,256:8,384:4,inf:2", "saq: age:bits stairs; blocks older than an age step "
+                                                           "down to the next stair's bits")
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -64,15 +86,16 @@ class CacheConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_window < 0:
             raise ValueError(f"kv_window must be >= 0, got {self.kv_window}")
-        self.stairs = parse_staircase(self.kv_staircase)
+        parse_staircase(self.kv_staircase)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
-
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8", "int4", "saq")
-STAIR_BITS = (16, 8, 4, 2)
+    @property
+    def stairs(self) -> list[tuple[float, int]]:
+        """kv_staircase as [(age, bits), ...], checked in __post_init__."""
+        return parse_staircase(self.kv_staircase)
 
 
 def parse_staircase(text: str) -> list[tuple[float, int]]:
@@ -105,8 +128,8 @@ def parse_staircase(text: str) -> list[tuple[float, int]]:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = option(256, "most requests running at once")
+    max_num_batched_tokens: int = option(2048, "most tokens computed in one step (the chunked-prefill budget)")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -116,18 +139,23 @@ class SchedulerConfig:
 
 
 MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")  # cluster/moe_parallel.py
+AFD_TRANSPORTS = ("gloo", "shm")  # cluster/transport.py
 
 
 @dataclass
 class ParallelConfig:
     """Attention-FFN disaggregation: `afd="1A1F"` runs x attention workers and y FFN workers as Ray actors."""
-    afd: str | None = None  # None: the whole model in this process (LocalExecutor)
-    micro_batches: int = 2  # micro-batches in flight per step, so FFN work of one overlaps attention of the next
-    ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
-    transport: str = "gloo"  # the A<->F data plane: "gloo" (torch.distributed) or "shm" (shared memory, one host)
-    threads_per_worker: int | None = None  # torch threads per worker; None: the host's cores split evenly
-    # y > 1 FFN workers: "ep", "sliced", or chosen per layer pass (cluster/moe_parallel.py)
-    moe_parallel: str = "adaptive"
+    afd: str | None = option(None, "run x attention and y FFN workers on Ray, e.g. 1A1F; default: the whole model "
+                                   "in this process", metavar="xAyF")
+    micro_batches: int = option(2, "micro-batches in flight per step, so FFN work on one overlaps attention on the "
+                                   "next")
+    ray_address: str | None = option(None, "default: start a local Ray; 'auto' joins a running one")
+    afd_transport: str = option("gloo", "the A<->F data plane: gloo (torch.distributed, any hosts) or shm (shared "
+                                        "memory, one host)", choices=AFD_TRANSPORTS)
+    threads_per_worker: int | None = option(None, "torch threads per worker; default: the host's cores split evenly")
+    moe_parallel: str = option("adaptive", "with several FFN workers, how MoE experts run: expert-parallel, "
+                                           "expert-sliced, or chosen per layer pass from the routed load",
+                               choices=MOE_PARALLEL_POLICIES)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
@@ -135,14 +163,24 @@ class ParallelConfig:
         if self.moe_parallel not in MOE_PARALLEL_POLICIES:
             raise ValueError(f"moe_parallel must be one of {', '.join(MOE_PARALLEL_POLICIES)}, "
                              f"got {self.moe_parallel!r}")
-        if self.transport not in ("gloo", "shm"):
-            raise ValueError(f"transport must be gloo or shm, got {self.transport!r}")
+        if self.afd_transport not in AFD_TRANSPORTS:
+            raise ValueError(f"afd_transport must be gloo or shm, got {self.afd_transport!r}")
         if self.afd is not None:
-            self.num_attention_workers, self.num_ffn_workers = parse_afd_ratio(self.afd)
+            parse_afd_ratio(self.afd)
 
     @property
     def enabled(self) -> bool:
         return self.afd is not None
+
+    @property
+    def num_attention_workers(self) -> int:
+        """x of xAyF; 0 without afd, where no worker runs (the whole model is in the engine's process)."""
+        return parse_afd_ratio(self.afd)[0] if self.enabled else 0
+
+    @property
+    def num_ffn_workers(self) -> int:
+        """y of xAyF; 0 without afd."""
+        return parse_afd_ratio(self.afd)[1] if self.enabled else 0
 
 
 def parse_afd_ratio(text: str) -> tuple[int, int]:
@@ -173,3 +211,31 @@ class EngineConfig:
         if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
                              f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")
+
+
+def engine_sections() -> dict[str, type]:
+    """EngineConfig's section configs by attribute name: {"model": ModelConfig, "cache": CacheConfig, ...}."""
+    return {section.name: section.default_factory for section in fields(EngineConfig)}
+
+
+def engine_arg_sections() -> dict[str, str]:
+    """Every engine argument's flat name -> the section that declares it, in declaration order. The names are
+    unique across sections (the CLI would refuse a second flag of the same name)."""
+    return {f.name: name for name, config_class in engine_sections().items() for f in fields(config_class)}
+
+
+def engine_config(model: str = ModelConfig.model, **engine_args: Any) -> EngineConfig:
+    """The engine arguments as flat keywords (what LLM and the CLI take), each given to the section that declares it.
+
+    `model` stays the one positional argument, as `LLM("smollm2")` and `engine_config(path)` pass it."""
+    engine_args["model"] = model
+    section_of = engine_arg_sections()
+    unknown = sorted(engine_args.keys() - section_of.keys())
+    if unknown:
+        raise TypeError(f"unknown engine argument(s) {', '.join(map(repr, unknown))}; "
+                        f"the engine takes {', '.join(section_of)}")
+    sections = engine_sections()
+    by_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for arg, value in engine_args.items():
+        by_section[section_of[arg]][arg] = value
+    return EngineConfig(**{name: config_class(**by_section[name]) for name, config_class in sections.items()})

@@ -3,33 +3,15 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from afdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from afdserve.engine.config import EngineConfig, ModelConfig, engine_config
 from afdserve.engine.llm_engine import LLMEngine
 from afdserve.engine.outputs import RequestOutput
 from afdserve.engine.sampling_params import SamplingParams
 
 
-def engine_config(model: str = "smollm2", dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, num_kv_blocks: int | None = None,
-                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto", kv_window: int = 128,
-                  kv_staircase: str = "128:16,256:8,384:4,inf:2", max_num_seqs: int = 256,
-                  max_num_batched_tokens: int = 2048, cache_dir=None, afd: str | None = None,
-                  micro_batches: int = 2, ray_address: str | None = None, afd_transport: str = "gloo",
-                  threads_per_worker: int | None = None, attention_backend: str = "auto",
-                  moe_parallel: str = "adaptive", device: str = "auto") -> EngineConfig:
-    """The engine arguments as flat keywords (what the LLM class and the CLI take) folded into EngineConfig."""
-    return EngineConfig(
-        model=ModelConfig(model, dtype, max_model_len, seed, cache_dir, attention_backend, device),
-        cache=CacheConfig(block_size, kv_cache_memory_gb, num_kv_blocks, enable_prefix_caching, kv_cache_dtype,
-                          kv_window, kv_staircase),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-        parallel=ParallelConfig(afd, micro_batches, ray_address, afd_transport, threads_per_worker, moe_parallel),
-    )
-
-
 class LLM:
-    def __init__(self, model: str = "smollm2", config: EngineConfig | None = None, **engine_args):
-        """Engine arguments as keywords (see engine_config), or a whole EngineConfig."""
+    def __init__(self, model: str = ModelConfig.model, config: EngineConfig | None = None, **engine_args):
+        """Engine arguments as keywords (the fields of engine/config.py, see engine_config), or a whole EngineConfig."""
         self.engine = LLMEngine(config or engine_config(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 

@@ -1,0 +1,115 @@
+"""The engine's arguments are declared once (the fields of engine/config.py); the LLM keywords and the CLI flags
+are derived from them. The expectations here are written out by hand, as users know the flags, not read back
+from the config classes."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
+from afdserve.engine.config import CacheConfig, ParallelConfig
+from afdserve.engine.llm import LLM, engine_config
+
+# Every engine flag of `afdserve serve --help` with its default, by help group.
+ENGINE_FLAGS = {
+    "--model": "smollm2", "--dtype": "auto", "--max-model-len": None, "--seed": 0, "--block-size": 16,
+    "--kv-cache-memory-gb": 1.0, "--num-kv-blocks": None, "--enable-prefix-caching": True,
+    "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,256:8,384:4,inf:2",
+    "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--cache-dir": None, "--attention-backend": "auto",
+    "--device": "auto",
+}
+AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
+             "--moe-parallel": "adaptive", "--threads-per-worker": None}
+
+# One value off the default for every flag, as a command line and as LLM / engine_config keywords.
+ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--seed", "7", "--block-size", "32",
+        "--kv-cache-memory-gb", "0.5", "--num-kv-blocks", "64", "--no-enable-prefix-caching",
+        "--kv-cache-dtype", "int4", "--kv-window", "64", "--kv-staircase", "32:16,64:4,inf:2", "--max-num-seqs", "8",
+        "--max-num-batched-tokens", "256", "--cache-dir", "/tmp/models", "--attention-backend", "torch",
+        "--device", "cpu", "--afd", "2A1F", "--micro-batches", "3", "--ray-address", "auto",
+        "--afd-transport", "shm", "--moe-parallel", "ep", "--threads-per-worker", "2"]
+KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
+              num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
+              kv_staircase="32:16,64:4,inf:2", max_num_seqs=8, max_num_batched_tokens=256,
+              cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", afd="2A1F", micro_batches=3,
+              ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
+
+
+def one_line_help(prog: str) -> argparse.HelpFormatter:
+    # Each flag's help on its own line, unwrapped (textwrap would break "--num-kv-blocks" at its hyphens).
+    return argparse.HelpFormatter(prog, max_help_position=200, width=1000)
+
+
+def engine_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afdserve serve", formatter_class=one_line_help)
+    add_engine_args(parser)
+    return parser
+
+
+def help_lines() -> dict[str, str]:
+    """--flag -> its line of --help."""
+    lines = engine_parser().format_help().splitlines()
+    return {m.group(1): line for line in lines if (m := re.match(r"\s+(--[a-z-]+)[ ,]", line))}
+
+
+def test_every_flag_is_there_with_its_default_in_its_group():
+    text = engine_parser().format_help()
+    engine_part, afd_part = text.split("\nattention-FFN disaggregation:\n")
+    assert set(help_lines()) == set(ENGINE_FLAGS) | set(AFD_FLAGS)
+    for flags, part in ((ENGINE_FLAGS, engine_part), (AFD_FLAGS, afd_part)):
+        for flag in flags:
+            assert re.search(rf"^\s+{flag}[ ,]", part, re.MULTILINE), f"{flag} is not in its group"
+    defaults = vars(engine_parser().parse_args([]))
+    assert defaults == {flag[2:].replace("-", "_"): default for flag, default in {**ENGINE_FLAGS, **AFD_FLAGS}.items()}
+    assert "--no-enable-prefix-caching" in help_lines()["--enable-prefix-caching"]
+
+
+def test_a_command_line_gives_the_config_its_keywords_give():
+    assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in {**ENGINE_FLAGS, **AFD_FLAGS}.items())
+    from_cli = engine_config_from_args(engine_parser().parse_args(ARGV))
+    assert from_cli == engine_config(**KWARGS)
+    assert (from_cli.parallel.afd_transport, from_cli.cache.enable_prefix_caching, from_cli.model.cache_dir,
+            from_cli.scheduler.max_num_batched_tokens) == ("shm", False, Path("/tmp/models"), 256)
+    assert (from_cli.parallel.num_attention_workers, from_cli.parallel.num_ffn_workers) == (2, 1)
+    assert from_cli.cache.stairs == [(32, 16), (64, 4), (float("inf"), 2)]
+
+
+def test_model_stays_the_one_positional_argument():
+    assert engine_config("some/model").model.model == "some/model"
+    assert engine_config().model.model == "smollm2"
+
+
+@pytest.mark.parametrize("name", ["afd_transprot", "transport", "num_attention_workers"])
+def test_an_unknown_keyword_is_refused_naming_it(name):
+    with pytest.raises(TypeError, match=f"unknown engine argument.*'{name}'"):
+        engine_config(**{name: "shm"})
+    with pytest.raises(TypeError, match=f"'{name}'"):
+        LLM("smollm2", **{name: "shm"})  # before any model is loaded
+
+
+def test_a_bad_value_fails_on_the_command_line_and_in_the_config(capsys):
+    with pytest.raises(SystemExit):
+        engine_parser().parse_args(["--afd-transport", "tcp"])
+    assert "invalid choice: 'tcp'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="afd_transport must be gloo or shm, got 'tcp'"):
+        engine_config(afd_transport="tcp")
+    with pytest.raises(ValueError, match="afd must look like 1A1F"):
+        engine_config(afd="1A")
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--model", ".gguf file"), ("--device", "cuda:N"), ("--kv-cache-dtype", "int4 (KIVI)"),
+    ("--num-kv-blocks", "overrides --kv-cache-memory-gb"), ("--afd", "xAyF"), ("--afd-transport", "shared memory"),
+    ("--moe-parallel", "expert-parallel"), ("--ray-address", "'auto' joins a running one"),
+])
+def test_help_says_what_a_flag_does(flag, words):
+    assert words in help_lines()[flag]
+
+
+def test_every_config_has_the_same_attributes_with_or_without_afd():
+    assert (ParallelConfig().num_attention_workers, ParallelConfig().num_ffn_workers) == (0, 0)
+    assert (ParallelConfig(afd="3a2f").num_attention_workers, ParallelConfig(afd="3a2f").num_ffn_workers) == (3, 2)
+    assert CacheConfig().stairs == [(128, 16), (256, 8), (384, 4), (float("inf"), 2)]
