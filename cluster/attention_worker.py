@@ -1,7 +1,8 @@
 """AttentionWorker: a Ray actor that owns the KV cache and runs everything but the FFN halves.
 
-It is a ModelRunner whose forward pass sends each layer's FFN input to the FFN workers. The step's batch splits into
-m micro-batches kept in flight, so the FFN workers compute micro-batch j while this worker runs attention for j+1:
+It is a ModelRunner whose forward pass is the one layer loop (models/layer_loop.run_layers) with a remote FFN port:
+each layer's FFN input goes to the FFN workers. The step's batch splits into m micro-batches kept in flight, so the
+FFN workers compute micro-batch j while this worker runs attention for j+1:
 
     layer l:  recv F(l-1, j) -> attn_half(l, j) -> send A->F(l, j)      for j = 0..m-1
 
@@ -23,6 +24,7 @@ from afdserve.engine.config import EngineConfig
 from afdserve.engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
 from afdserve.engine.scheduler import SchedulerOutput
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layer_loop import run_layers
 from afdserve.models.loader import weight_bytes
 
 
@@ -51,33 +53,33 @@ class AFDModelRunner(ModelRunner):
     def pipelined_forward(self, batches: list[FlatBatch]) -> list[torch.Tensor]:
         """Runs the step (possibly no batches: a data-parallel rank with nothing scheduled still tells the FFN
         workers so, since they serve every rank each step)."""
-        model, timer = self.model, self.timer
-        send = functools.partial(timer.send, self.transport.send)
         header = encode_header(STEP, [len(b.input_ids) for b in batches])
         for ffn in self.ffn_ranks:
-            send(header, ffn)
-        hidden = [model.embed_tokens(b.input_ids) for b in batches]
-        residual: list[torch.Tensor | None] = [None] * len(batches)
-        rope = [model.rotary.tables(b.positions, h.dtype) for b, h in zip(batches, hidden)]
-        for index, layer in enumerate(model.layers):
-            for j, batch in enumerate(batches):
-                if index > 0:
-                    hidden[j] = self.recv_ffn_output(residual[j])  # the FFN output of layer index - 1
-                ffn_input, residual[j], routing = timer.compute(layer.attn_half, hidden[j], residual[j], rope[j],
-                                                                batch.meta, self.kv_caches[index])
-                for ffn in self.ffn_ranks:
-                    send(ffn_input, ffn)
-                    if routing is not None:
-                        send(routing.topk_ids, ffn)
-                        send(routing.topk_weights, ffn)
-        hidden = [self.recv_ffn_output(r) for r in residual]
+            self.timer.send(self.transport.send, header, ffn)
+        port = RemoteFFN(self.transport, self.ffn_ranks, self.timer)
+        hidden = run_layers(self.model, batches, self.kv_caches, port, compute=self.timer.compute)
         self.transport.flush()
         if batches:
-            timer.step_done(len(model.layers))
-        return [model.norm(h, r)[0] for h, r in zip(hidden, residual)]
+            self.timer.step_done(len(self.model.layers))
+        return hidden
 
-    def recv_ffn_output(self, like: torch.Tensor) -> torch.Tensor:
-        """One FFN worker's output, or the sum of every worker's partial output."""
+
+class RemoteFFN:
+    """The FFN port of an attention worker (models/layer_loop.py): each FFN input, with the routing of an MoE layer,
+    goes to every FFN worker; a result is the one worker's output, or the fp32 sum of every worker's partial."""
+
+    def __init__(self, transport, ffn_ranks: list[int], timer: StageTimer):
+        self.transport, self.ffn_ranks, self.timer = transport, ffn_ranks, timer
+
+    def submit(self, layer, ffn_input: torch.Tensor, routing) -> None:
+        send = functools.partial(self.timer.send, self.transport.send)
+        for ffn in self.ffn_ranks:
+            send(ffn_input, ffn)
+            if routing is not None:
+                send(routing.topk_ids, ffn)
+                send(routing.topk_weights, ffn)
+
+    def result(self, like: torch.Tensor) -> torch.Tensor:
         recv = self.transport.recv
         if len(self.ffn_ranks) == 1:
             return self.timer.wait(recv, torch.empty_like(like), self.ffn_ranks[0])

@@ -23,6 +23,7 @@ from afdserve.cluster.step_header import STOP, decode_header, empty_header
 from afdserve.cluster.worker_common import build_transport
 from afdserve.engine.config import EngineConfig
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
+from afdserve.models.layer_loop import pipeline_order
 from afdserve.models.loader import load_model, weight_bytes
 from afdserve.models.layers.moe_router import Routing
 
@@ -85,21 +86,22 @@ class FFNWorker:
         num_micro_batches = max(len(tokens) for tokens in tokens_per_micro_batch.values())
         if num_micro_batches == 0:
             return
-        for layer in self.model.layers:
+        # The attention workers' schedule (models/layer_loop.run_layers), from this end of the transport.
+        for index, j in pipeline_order(len(self.model.layers), num_micro_batches):
+            layer = self.model.layers[index]
             k = layer.top_k
-            for j in range(num_micro_batches):
-                parts = [(peer, tokens[j]) for peer, tokens in tokens_per_micro_batch.items() if j < len(tokens)]
-                inputs, ids, weights = [], [], []
-                for peer, n in parts:
-                    inputs.append(recv((n, self.hidden_size), dtype, peer))
-                    if k:
-                        ids.append(recv((n, k), torch.int64, peer))
-                        weights.append(recv((n, k), torch.float32, peer))
-                routing = Routing(_cat(ids), _cat(weights)) if k else None
-                sliced = routing is not None and self._expert_sliced(layer, routing)
-                out = timer.compute(layer.ffn_half, _cat(inputs), routing, sliced)
-                for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
-                    timer.send(transport.send, rows, peer)
+            parts = [(peer, tokens[j]) for peer, tokens in tokens_per_micro_batch.items() if j < len(tokens)]
+            inputs, ids, weights = [], [], []
+            for peer, n in parts:
+                inputs.append(recv((n, self.hidden_size), dtype, peer))
+                if k:
+                    ids.append(recv((n, k), torch.int64, peer))
+                    weights.append(recv((n, k), torch.float32, peer))
+            routing = Routing(_cat(ids), _cat(weights)) if k else None
+            sliced = routing is not None and self._expert_sliced(layer, routing)
+            out = timer.compute(layer.ffn_half, _cat(inputs), routing, sliced)
+            for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
+                timer.send(transport.send, rows, peer)
         transport.flush()
         timer.step_done(len(self.model.layers))
 

@@ -6,12 +6,13 @@ Each decoder layer is two halves (docs/architecture.md, seam 1):
     attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
     ffn_half(ffn_input, routing) -> ffn_out                                          # the MLP or the MoE block
 `routing` (models/layers/moe_router.Routing: top-k expert ids and weights) is None for dense layers. Routing runs in
-the attention half so that the FFN half needs nothing but its inputs. The model's forward alternates the halves
-in-process; an AFD executor alternates them across workers.
+the attention half so that the FFN half needs nothing but its inputs. One loop alternates the halves
+(models/layer_loop.py): in-process for the model's forward, across workers under AFD.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,13 @@ from afdserve.models.layers.moe_router import Router, Routing
 from afdserve.models.layers.norm import RMSNorm
 from afdserve.models.moe_config import MoEConfig
 from afdserve.models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
+from afdserve.models.layer_loop import LocalFFN, run_layers
+
+
+class LayerInput(NamedTuple):
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
 
 
 @dataclass(frozen=True)
@@ -167,15 +175,19 @@ class LlamaForCausalLM(nn.Module):
             return list(self.layers[0].self_attn.qkv_sizes)
         return [rows // 2] * 2  # gate_up_proj: dense MLPs and shared experts differ in width
 
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
+        """The first hidden states and the rotary tables every layer of this step uses."""
+        hidden = self.embed_tokens(input_ids)
+        return hidden, self.rotary.tables(positions, hidden.dtype)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last FFN output added to the residual stream, normalized: what compute_logits reads."""
+        return self.norm(hidden, residual)[0]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.tables(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            ffn_input, residual, routing = layer.attn_half(hidden, residual, rope, meta, kv_cache)
-            hidden = layer.ffn_half(ffn_input, routing)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        """The whole model in this process: the one layer loop with the FFN halves run in place."""
+        return run_layers(self, [LayerInput(input_ids, positions, meta)], kv_caches, LocalFFN())[0]
 
     def prepare_for_inference(self) -> None:
         for module in self.modules():
