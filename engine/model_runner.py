@@ -60,6 +60,7 @@ def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> 
 
 class ModelRunner:
     model_role: str | None = None  # the whole model; an AFD attention worker's runner keeps the attention side
+
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         self.config = config
