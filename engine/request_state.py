@@ -57,9 +57,6 @@ class RequestStates:
     def __getitem__(self, request_id: str) -> RequestState:
         return self._states[request_id]
 
-    def __len__(self) -> int:
-        return len(self._states)
-
     def update(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_request_ids:
             self._states.pop(request_id, None)
