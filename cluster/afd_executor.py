@@ -118,7 +118,9 @@ class AFDExecutor:
         for i, item in enumerate(scheduler_output.scheduled):
             indices[item.rank].append(i)
         parts = [SchedulerOutput([scheduler_output.scheduled[i] for i in rank_indices],
-                                 scheduler_output.finished_request_ids) for rank_indices in indices]
+                                 scheduler_output.finished_request_ids,
+                                 {rank: scheduler_output.kv_moves[rank]} if rank in scheduler_output.kv_moves else {})
+                 for rank, rank_indices in enumerate(indices)]
         if all(s.num_tokens == 1 and s.new is None for s in scheduler_output.scheduled):
             self.decode_step_input_bytes.append(sum(len(pickle.dumps(part)) for part in parts))
         results = self._wait_step([w.execute.remote(part) for w, part in zip(self.attention, parts)])

@@ -31,8 +31,8 @@ from afdserve.models.loader import weight_bytes
 class AFDModelRunner(ModelRunner):
     model_role = "attention"  # embeddings, attention, norms, routers, LM head: the FFN workers hold the rest
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
-                 max_model_len: int):
-        super().__init__(config, model_dir, model_config, num_kv_blocks, max_model_len)
+                 max_model_len: int, rank: int):
+        super().__init__(config, model_dir, model_config, num_kv_blocks, max_model_len, rank)
         self.micro_batches = config.parallel.micro_batches
         self.transport = None
         self.ffn_ranks: list[int] = []
@@ -41,8 +41,9 @@ class AFDModelRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.requests.update(sched)
+        kv_plan = self.plan_kv_moves(sched)  # one per step: every micro-batch reads the same view
         groups = split_micro_batches(sched.scheduled, self.micro_batches)
-        batches = [self.build_batch([sched.scheduled[i] for i in g]) for g in groups]
+        batches = [self.build_batch([sched.scheduled[i] for i in g], kv_plan) for g in groups]
         hiddens = self.pipelined_forward(batches)
         out = ModelRunnerOutput.empty(len(sched.scheduled))
         for group, batch, hidden in zip(groups, batches, hiddens):
@@ -95,7 +96,7 @@ class AttentionWorker:
         torch.set_num_threads(threads)
         self.threads = threads
         self.rank = rank
-        self.runner = AFDModelRunner(config, model_dir, model_config, num_kv_blocks, max_model_len)
+        self.runner = AFDModelRunner(config, model_dir, model_config, num_kv_blocks, max_model_len, rank)
 
     def node_ip(self) -> str:
         import ray

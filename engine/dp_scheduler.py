@@ -40,6 +40,7 @@ class DataParallelScheduler:
             part = rank.schedule()
             out.scheduled += part.scheduled
             out.finished_request_ids |= part.finished_request_ids
+            out.kv_moves.update(part.kv_moves)
         return out
 
     def update_from_output(self, scheduled: list[ScheduledRequest], sampled: list[int | None]) -> list[Request]:

@@ -10,6 +10,7 @@ from afdserve.engine.sampler import TokenLogprobs
 from afdserve.engine.scheduler import Scheduler, SchedulerStats
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.dp_scheduler import DataParallelScheduler
+from afdserve.kernels.attention.kv_tiers import KVCacheSpec
 
 
 @dataclass
@@ -25,12 +26,13 @@ class EngineCoreOutput:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int):
+    def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int,
+                 kv_spec: KVCacheSpec | None = None):
         self.config = config
         # One KV cache per attention rank: data-parallel attention (AFD with x > 1 attention workers) has several.
         num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
-        self.kv_managers = [KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-                            for _ in range(num_ranks)]
+        self.kv_managers = [KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                           kv_spec) for _ in range(num_ranks)]
         self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len) if num_ranks == 1 else
                           DataParallelScheduler(config.scheduler, self.kv_managers, max_model_len))
         self.executor = executor

@@ -1,5 +1,9 @@
 """KV cache manager: which blocks each request holds, prefix-cache lookup, and slot allocation.
 
+For the int4 / saq KV formats it also keeps the staircase (engine/kv_staircase.py): which precision each block is
+stored at. Allocating a request's slots for a step also plans its blocks' moves, and fails when the full-precision
+pool cannot take the blocks the step writes, so the scheduler preempts or waits as it does for blocks.
+
 Prefix caching hashes full blocks only, each hash chained on its parent's:
     h_i = blake2b(h_{i-1} || tokens of block i)
 so a hit on block i implies the whole prefix up to it matches.
@@ -11,7 +15,9 @@ from array import array
 from dataclasses import dataclass
 
 from afdserve.engine.block_pool import BlockHash, BlockPool, KVBlock
+from afdserve.engine.kv_staircase import KVStaircase, StairMove
 from afdserve.engine.request import Request
+from afdserve.kernels.attention.kv_tiers import KVCacheSpec
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
@@ -28,9 +34,13 @@ class PrefixHit:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, spec: KVCacheSpec | None = None):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.staircase = None
+        if spec is not None and spec.stairs:
+            self.staircase = KVStaircase(spec.stairs, spec.stair_slots, num_blocks, block_size, spec.max_seqs,
+                                         in_use=lambda block: self.pool.blocks[block].ref_cnt > 0)
         self.enable_prefix_caching = enable_prefix_caching
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self._req_hashes: dict[str, list[BlockHash]] = {}
@@ -44,6 +54,22 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return self.pool.usage
+
+    @property
+    def max_running_seqs(self) -> int | None:
+        """Sequences the KV format can run at once beyond the block count (the staircase's pools); None: no limit."""
+        return self.staircase.max_seqs if self.staircase else None
+
+    def take_stair_moves(self) -> list[StairMove]:
+        """The step's staircase moves, for the runner to replay (empty for formats without a staircase)."""
+        return self.staircase.take_moves() if self.staircase else []
+
+    def forget_all(self) -> None:
+        """The KV cache's contents are gone (a replaced attention worker): no prefix is cached, every block is
+        back on the staircase's floor as in a fresh cache."""
+        self.pool.forget_cached()
+        if self.staircase:
+            self.staircase.reset()
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
@@ -74,7 +100,9 @@ class KVCacheManager:
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.block_size) - len(blocks) - len(hit_blocks)
         evictable_hits = sum(1 for b in hit_blocks if b.ref_cnt == 0)
-        if num_needed > self.pool.num_free_blocks - evictable_hits:
+        table = [b.block_id for b in blocks + hit_blocks]
+        if (num_needed > self.pool.num_free_blocks - evictable_hits or self.staircase and
+                not self.staircase.has_window_room(self.staircase.blocks_to_open(table, num_computed, num_new_tokens))):
             if not blocks:
                 del self.req_blocks[request.request_id]
             return False
@@ -83,6 +111,8 @@ class KVCacheManager:
         if num_needed > 0:
             blocks.extend(self.pool.allocate(num_needed))
         self._cache_full_blocks(request, blocks, total)
+        if self.staircase and num_new_tokens > 0:
+            self.staircase.schedule([b.block_id for b in blocks], num_computed, num_new_tokens)
         return True
 
     def free(self, request: Request) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.engine_core import EngineCore
@@ -20,6 +21,8 @@ from afdserve.engine.tokenizer import Tokenizer
 from afdserve.models.hf_config import load_transformer_config
 from afdserve.models.model_path import default_cache_dir, resolve_model_path
 
+logger = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
@@ -27,10 +30,15 @@ class LLMEngine:
         self.model_dir = resolve_model_path(config.model.model, config.model.cache_dir or default_cache_dir())
         self.model_config = load_transformer_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
+        self.kv_spec = kv_cache_spec_for(config, self.model_config)
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
+        if self.kv_spec.stairs and self.kv_spec.max_seqs < config.scheduler.max_num_seqs:
+            logger.warning("kv_cache_dtype %s: its stair pools hold the windows of %d sequences, so %d of max_num_seqs "
+                           "%d run at once; raise kv_cache_memory_gb for more", config.cache.kv_cache_dtype,
+                           self.kv_spec.max_seqs, self.kv_spec.max_seqs, config.scheduler.max_num_seqs)
         executor = make_executor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
-        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len)
+        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len, self.kv_spec)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self._ids = itertools.count()
@@ -39,8 +47,7 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        spec = kv_cache_spec_for(self.config, self.model_config)
-        return max(1, spec.num_blocks(cache.kv_cache_memory_gb * 2**30))
+        return max(1, self.kv_spec.num_blocks(cache.kv_cache_memory_gb * 2**30))
 
     def _max_model_len(self) -> int:
         cfg = self.model_config

@@ -16,7 +16,7 @@ from afdserve.engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_
 from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
 from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
-from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairTable, kv_cache_spec
+from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairView, KVStepPlan, kv_cache_spec
 from afdserve.kernels.attention.torch_paged import decode_mask_bias
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
 from afdserve.models.loader import load_model
@@ -62,13 +62,17 @@ class ModelRunner:
     model_role: str | None = None  # the whole model; an AFD attention worker's runner keeps the attention side
 
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
-                 max_model_len: int):
+                 max_model_len: int, rank: int = 0):
         self.config = config
+        self.rank = rank  # the attention rank whose KV cache this is (data-parallel attention)
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.dtype = resolve_dtype(config.model.dtype, model_config)
         self.device = torch.device(config.model.device)
         self.kv_caches, self.kv_stairs = self._allocate_kv_caches(num_kv_blocks)
+        # Where a block's new tokens are written: at its id (a range indexes as the identity), or for int4 / saq at
+        # its slot on the full-precision stair, which the staircase view keeps current.
+        self.write_slot_of = self.kv_stairs.slot if self.kv_stairs else range(num_kv_blocks)
         attention = select_attention_backend(config.model.attention_backend, self.device)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
                                 self.model_role)
@@ -76,9 +80,9 @@ class ModelRunner:
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages
 
-    def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairTable | None]:
+    def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
         """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
-        int4 / saq staircase's block table is shared by all layers."""
+        int4 / saq staircase's view (each block's stair and slot) is shared by all layers."""
         spec = kv_cache_spec_for(self.config, self.model_config)
         layers = range(self.model_config.num_layers)
         if spec.fmt == "auto":
@@ -88,13 +92,14 @@ class ModelRunner:
         bits = [b for _, b in spec.stairs]
         caches = [QuantizedKVCache(spec.shape, spec.fmt, num_blocks, bits, list(spec.stair_slots), self.device)
                   for _ in layers]
-        stairs = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, self.block_size) if spec.stairs else None
+        stairs = KVStairView(num_blocks, floor=len(spec.stairs) - 1) if spec.stairs else None
         return caches, stairs
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.requests.update(sched)
-        batch = self.build_batch(sched.scheduled)
+        kv_plan = self.plan_kv_moves(sched)
+        batch = self.build_batch(sched.scheduled, kv_plan)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         return self.sample(sched.scheduled, batch, self.compute_logits(batch, hidden))
 
@@ -103,11 +108,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     # ---- batch ----------------------------------------------------------------------------------------------
-    def build_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
+    def plan_kv_moves(self, sched: SchedulerOutput) -> KVStepPlan | None:
+        """int4 / saq: this step's staircase moves, replayed by every layer before its first write; None otherwise."""
+        if self.kv_stairs is None:
+            return None
+        return self.kv_stairs.replay(sched.kv_moves.get(self.rank, []))
+
+    def build_batch(self, scheduled: list[ScheduledRequest], kv_plan: KVStepPlan | None = None) -> FlatBatch:
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
         bs = self.block_size
         input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
-        decode_tables, decode_lens, prefills, kv_seqs = [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        write_slot = self.write_slot_of
         for i in order:
             item = scheduled[i]
             state = self.requests[item.request_id]
@@ -116,8 +128,7 @@ class ModelRunner:
             input_ids += state.token_ids(start, n)
             pos = range(start, start + n)
             positions += pos
-            slots += [blocks[p // bs] * bs + p % bs for p in pos]
-            kv_seqs.append((blocks, start, n))
+            slots += [write_slot[blocks[p // bs]] * bs + p % bs for p in pos]
             seq_len = start + n
             if n == 1:
                 decode_tables.append(blocks)
@@ -139,7 +150,7 @@ class ModelRunner:
             decode_mask_bias=decode_mask_bias(seq_lens, max_blocks * bs),
             prefills=prefills,
             decode_seq_lens=seq_lens,
-            kv_plan=self.kv_stairs.plan(kv_seqs) if self.kv_stairs else None,
+            kv_plan=kv_plan,
         )
         return FlatBatch(order, self._tensor(input_ids), self._tensor(positions), meta, logits_rows, wants_prompt)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from afdserve.engine.config import SchedulerConfig
 from afdserve.engine.kv_cache_manager import KVCacheManager
+from afdserve.engine.kv_staircase import StairMove
 from afdserve.engine.request import Request, RequestStatus
 from afdserve.engine.sampling_params import SamplingParams
 
@@ -48,6 +49,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_request_ids: set[str] = field(default_factory=set)  # since the last step: executors drop their state
+    # int4 / saq: per attention rank, the staircase moves its runner replays before the step writes (kv_staircase)
+    kv_moves: dict[int, list[StairMove]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -104,7 +107,7 @@ class Scheduler:
         preempted = self.num_preemptions > preemptions_before
         # Admit waiting requests only when nothing was preempted this step, so a preempted request is not
         # immediately re-admitted and thrashed.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        while self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted:
             request = self.waiting[0]
             prefix = self.kv.find_prefix(request)
             num_new = min(request.num_tokens - prefix.num_tokens, budget)
@@ -119,7 +122,15 @@ class Scheduler:
             out.scheduled.append(self._grant(request, num_new))
             budget -= num_new
         out.finished_request_ids, self._finished_ids = self._finished_ids, set()
+        moves = self.kv.take_stair_moves()
+        if moves:
+            out.kv_moves[self.rank] = moves
         return out
+
+    @property
+    def max_running(self) -> int:
+        """max_num_seqs, or fewer when the KV format's staircase pools hold fewer sequences' windows."""
+        return min(self.config.max_num_seqs, self.kv.max_running_seqs or self.config.max_num_seqs)
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Allocates for a running request, preempting the newest running ones until it fits."""
@@ -206,7 +217,7 @@ class Scheduler:
         failed = list(self.running)
         for request in failed:
             self.finish(request, RequestStatus.FINISHED_ERROR)
-        self.kv.pool.forget_cached()
+        self.kv.forget_all()
         return failed
 
     def abort(self, request_ids: list[str]) -> list[Request]:

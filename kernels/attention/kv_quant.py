@@ -268,15 +268,13 @@ class QuantizedKVCache:
         return store.data, store.scale, rotate_keys(q).to(q.dtype)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, plan) -> None:
-        if plan is None:  # token formats
-            self.stores[0].write_tokens(k, v, slot_mapping)
-            return
-        self.plan = plan  # gathers until the next write read through this step's block -> (stair, slot) view
-        for move in plan.before_write:
-            self._move(move)
-        self.stores[0].write_tokens(k, v, plan.window_slot_mapping)
-        for move in plan.after_write:
-            self._move(move)
+        """Stores the step's tokens at `slot_mapping`. Staircase formats first replay the step's plan, once per
+        step (micro-batches share it), so slot_mapping points into the full-precision stair."""
+        if plan is not None and plan is not self.plan:
+            self.plan = plan  # gathers read through this step's block -> (stair, slot) view
+            for move in plan.moves:
+                self._move(move)
+        self.stores[0].write_tokens(k, v, slot_mapping)
 
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         """K and V of `block_ids` ([n]) dequantized and laid end to end: [2, kv_heads, n * block_size, head_dim]."""

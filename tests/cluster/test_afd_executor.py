@@ -93,6 +93,22 @@ def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport):
         llm.engine.shutdown()
 
 
+@pytest.mark.parametrize("afd, micro_batches", [("1A1F", 2), ("2A1F", 3)])
+def test_afd_int4_kv_staircase_equals_local(tiny_llama, afd, micro_batches):
+    """int4 with a 16-token window: the scheduler's staircase moves reach each attention rank's cache, once per
+    step, shared by its micro-batches. Every sequence's KV is its own, so the tokens equal the local int4 run."""
+    path = tiny_llama[0]
+    kv = dict(dtype="float32", max_num_batched_tokens=48, kv_cache_dtype="int4", kv_window=16)
+    with LLM(str(path), **kv) as local:
+        expected = [o.outputs[0].token_ids for o in local.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        assert expected != tiny_llama[1]  # the int4 floor really ran
+    llm = LLM(str(path), afd=afd, micro_batches=micro_batches, **kv)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("afd, moe_parallel", [("1A2F", "ep"), ("1A2F", "sliced"), ("2A2F", "adaptive")])
 def test_afd_sharded_moe_equals_local(tmp_path, afd, moe_parallel):
     """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) over two FFN workers: experts run

@@ -1,5 +1,5 @@
 """Quantized KV cache: each quantizer against a plain-torch reference written from its formula (KIVI, arXiv:2402.02750; SAQ, arXiv:2410.18441),
-packing, the int4 full-precision window, the saq staircase, and the real bytes behind the block count."""
+packing, and the real bytes behind the block count (the int4 / saq staircase: tests/engine/test_kv_staircase.py)."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from afdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, parse
 from afdserve.kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
                                                  TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
                                                  minmax_dequant, minmax_quant, pack_bits, rotate_keys, unpack_bits)
-from afdserve.kernels.attention.kv_tiers import KVStairTable, kv_cache_spec
+from afdserve.kernels.attention.kv_tiers import kv_cache_spec
 
 SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
 
@@ -139,129 +139,6 @@ def test_kivi_store_keys_per_channel_values_per_token_group():
     assert torch.allclose(out[0], ref_minmax(kv[0], 4, dim=2), atol=1e-5)  # keys: over each block's tokens
     v_groups = kv[1].reshape(2, 3, 16, 2, 32)  # values: per token, groups of 32 channels
     assert torch.allclose(out[1], ref_minmax(v_groups, 4, dim=-1).reshape(2, 3, 16, 64), atol=1e-5)
-
-
-# ---- the staircase through QuantizedKVCache --------------------------------------------------------------------
-class SeqDriver:
-    """One sequence written through a layer's QuantizedKVCache, step by step, as the model runner does."""
-
-    def __init__(self, fmt: str, stairs, num_blocks=16):
-        bits = [b for _, b in stairs]
-        spec = kv_cache_spec(fmt, SHAPE, 1, stairs[0][0], stairs, max_num_seqs=2, max_num_batched_tokens=64,
-                             budget_bytes=2 ** 30)
-        self.table = KVStairTable(spec.stairs, spec.stair_slots, num_blocks, SHAPE.block_size)
-        self.cache = QuantizedKVCache(SHAPE, fmt, num_blocks, bits, list(spec.stair_slots))
-        self.blocks = torch.randperm(num_blocks).tolist()  # scattered physical blocks
-        self.k = torch.randn(0, 2, 64)
-        self.v = torch.randn(0, 2, 64)
-
-    def step(self, n: int):
-        start = len(self.k)
-        k, v = torch.randn(n, 2, 64), torch.randn(n, 2, 64)
-        self.k, self.v = torch.cat([self.k, k]), torch.cat([self.v, v])
-        plan = self.table.plan([(self.blocks, start, n)])
-        self.cache.write(k, v, None, plan)
-        return plan
-
-    def gathered(self) -> torch.Tensor:
-        n = len(self.k)
-        nb = -(-n // SHAPE.block_size)
-        return self.cache.gather(torch.tensor(self.blocks[:nb]))[:, :, :n]  # [2, kvh, n, hd]
-
-    def truth(self) -> torch.Tensor:
-        return torch.stack([self.k, self.v]).transpose(1, 2)
-
-    def stair(self, logical_block: int) -> int:
-        return self.table.stair[self.blocks[logical_block]]
-
-
-@pytest.mark.parametrize("chunks", [[1] * 100, [40, 1, 1, 30, 17, 5, 1, 1, 4]])
-def test_int4_window_is_exact_and_older_blocks_are_kivi(chunks):
-    window, bs = 32, SHAPE.block_size
-    seq = SeqDriver("int4", [(window, 16), (math.inf, 4)])
-    for n in chunks:
-        seq.step(n)
-        L = len(seq.k)
-        got, truth = seq.gathered(), seq.truth()
-        # Blocks whose newest token has >= window newer tokens are quantized; the rest are bit-exact.
-        n_quant = max(0, (L - window) // bs)
-        assert torch.equal(got[:, :, n_quant * bs:], truth[:, :, n_quant * bs:])
-        assert n_quant * bs >= L - window - bs + 1  # so the newest `window` tokens are always exact
-        for b in range(n_quant):
-            blk = truth[:, :, b * bs:(b + 1) * bs]
-            ref = torch.stack([ref_minmax(blk[0], 4, dim=1),
-                               ref_minmax(blk[1].reshape(2, bs, 2, 32), 4, dim=-1).reshape(2, bs, 64)])
-            assert torch.allclose(got[:, :, b * bs:(b + 1) * bs], ref, atol=1e-5), (L, b)
-            assert not torch.equal(got[:, :, b * bs:(b + 1) * bs], blk)
-
-
-def test_saq_steps_whole_blocks_down_at_the_configured_ages():
-    stairs = parse_staircase("32:16,64:8,96:4,inf:2")
-    seq = SeqDriver("saq", stairs)
-    history = []  # (length, stair of logical block 0, its gathered values)
-    for _ in range(130):
-        seq.step(1)
-        history.append((len(seq.k), seq.stair(0), seq.gathered()[:, :, :16].clone()))
-    # Block 0 holds tokens 0..15; its age at length L is L - 16: stair k once the age reaches stair k-1's bound.
-    first_at = {s: next(L for L, st, _ in history if st == s) for s in (0, 1, 2, 3)}
-    assert first_at == {0: 1, 1: 16 + 32, 2: 16 + 64, 3: 16 + 96}
-    assert [st for _, st, _ in history] == sorted(st for _, st, _ in history)  # only ever down
-    blk = seq.truth()[:, :, :16]
-
-    def kivi(x, bits):  # keys per channel over the block, values per token in groups of 32
-        return torch.stack([ref_minmax(x[0], bits, 1), ref_minmax(x[1].reshape(2, 16, 2, 32), bits, -1).reshape(
-            2, 16, 64)])
-
-    # Each step re-quantizes the whole block from the previous stair's dequantized values.
-    expected = {0: blk, 1: kivi(blk, 8)}
-    expected[2] = kivi(expected[1], 4)
-    expected[3] = kivi(expected[2], 2)
-    for L, st, values in history:
-        assert torch.allclose(values, expected[st][:, :, :L], atol=1e-5), (L, st)
-    # Drift from re-quantizing: bounded by the sum of each stair's half step.
-    def half_steps(x, bits):
-        return (x.amax(2, keepdim=True) - x.amin(2, keepdim=True))[0] / (2 ** bits - 1) / 2
-    drift = (expected[3][0] - blk[0]).abs()
-    bound = half_steps(blk, 8) + half_steps(expected[1], 4) + half_steps(expected[2], 2) + 1e-4
-    assert (drift <= bound).all()
-
-
-def test_saq_chunk_crossing_several_stairs_goes_straight_to_its_stair():
-    seq = SeqDriver("saq", parse_staircase("32:16,64:8,96:4,inf:2"))
-    plan = seq.step(120)
-    # Ages 120 - 16 (i + 1) = 104, 88, 72, 56, 40, 24, 8 and the partial block; bounds 32, 64, 96.
-    assert [seq.stair(i) for i in range(8)] == [3, 2, 2, 1, 1, 0, 0, 0]
-    assert [(m.src, m.dst, len(m.dst_slots)) for m in plan.after_write] == [(0, 1, 2), (0, 2, 2), (0, 3, 1)]
-    assert not plan.before_write
-
-
-def test_reused_block_written_from_row_0_is_full_precision_again():
-    seq = SeqDriver("int4", [(0, 16), (math.inf, 4)])
-    seq.step(16)  # block 0 full and older than the (empty) window: quantized
-    assert seq.stair(0) == 1
-    seq.k, seq.v = seq.k[:0], seq.v[:0]  # freed, and handed to a new request from its first row
-    seq.step(10)
-    assert seq.stair(0) == 0
-    assert torch.equal(seq.gathered(), seq.truth())
-
-
-def test_short_window_pool_evicts_a_left_behind_partial_block_without_its_stale_rows():
-    """A preempted request's partial block holds a window slot; when the pool runs short it is quantized early,
-    its min/max over the rows it really has."""
-    table = KVStairTable(((0, 16), (math.inf, 4)), (2,), 8, 16)
-    cache = QuantizedKVCache(SHAPE, "int4", 8, [16, 4], [2])
-    old = torch.randn(16, 2, 64) * 100  # what the slot held before: must not widen the left-behind block's scales
-    cache.write(old, old, None, table.plan([([3], 0, 16)]))
-    a = torch.randn(5, 2, 64)
-    cache.write(a, a, None, table.plan([([7], 0, 5)]))  # request A: 5 tokens, then preempted
-    b = torch.randn(20, 2, 64)
-    plan = table.plan([([1, 2], 0, 20)])  # request B needs both window slots
-    assert [(m.src, m.dst, m.rows.tolist()) for m in plan.before_write] == [(0, 1, [5])]
-    cache.write(b, b, None, plan)
-    got = cache.gather(torch.tensor([7, 1, 2]))
-    assert torch.allclose(got[0, :, :5], ref_minmax(a.transpose(0, 1), 4, dim=1), atol=1e-5)
-    assert torch.equal(got[0, :, 32:36], b[16:].transpose(0, 1))  # B's partial block: exact
-    assert table.stair[1] == 1 and table.stair[2] == 0
 
 
 # ---- bytes -> blocks ------------------------------------------------------------------------------------------
