@@ -79,12 +79,13 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
     afd_times = engine.core.executor.stage_times() if config.parallel.enabled else None
     step_bytes = list(engine.core.executor.decode_step_input_bytes) if config.parallel.enabled else []
     worker_bytes = engine.core.executor.worker_weight_bytes() if config.parallel.enabled else None
-    model_bytes = full_model_weight_bytes(engine.model_config, resolve_dtype(config.model.dtype, engine.model_config),
-                                          engine.max_model_len)
+    dtype = resolve_dtype(config.model.dtype, engine.model_config, config.model.device)
+    model_bytes = full_model_weight_bytes(engine.model_config, dtype, engine.max_model_len)
     engine.shutdown()
     return {
         "host": host_info(config.model.device),
-        "model": config.model.model, "dtype": config.model.dtype, "device": config.model.device, "spec": asdict(spec),
+        "model": config.model.model, "dtype": config.model.dtype,
+        "run_dtype": str(dtype).removeprefix("torch."), "device": config.model.device, "spec": asdict(spec),
         "elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_per_s": out_tokens / elapsed,
         "requests_per_s": spec.num_requests / elapsed, "ttft": _stats(ttft), "tpot": _stats(tpot),
         "num_preemptions": stats.num_preemptions, "engine_steps": engine.core.num_steps,

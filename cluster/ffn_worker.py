@@ -34,13 +34,12 @@ class FFNWorker:
         torch.set_num_threads(threads)
         self.threads = threads
         self.rank = rank
-        self.dtype = resolve_dtype(config.model.dtype, model_config)
-        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn")  # MLP / MoE only
-        # Several FFN workers: each holds a shard, and MoE passes run expert-parallel or expert-sliced.
+        self.dtype = resolve_dtype(config.model.dtype, model_config, config.model.device)
+        # MLP / MoE only; several FFN workers each hold a shard, and MoE passes run expert-parallel or expert-sliced.
+        shard = (ffn_index, num_ffn_workers) if num_ffn_workers > 1 else None
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn", ffn_shard=shard,
+                                quantization=config.model.quantization)
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
-        if num_ffn_workers > 1:
-            for layer in self.model.layers:
-                layer.mlp.shard_(ffn_index, num_ffn_workers)
         self.hidden_size = model_config.hidden_size
         self.transport = None
         self._thread: threading.Thread | None = None

@@ -6,6 +6,7 @@ import json
 import sys
 
 from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
+from afdserve.engine.config import QUANTIZATIONS
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -23,11 +24,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: str | None, data) -> None:
-    """Benchmarks print their result and, with --json, also write it for bench/results/."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
+def _write_json(path: str | None, data: dict | list, device: str = "cpu") -> None:
+    """Benchmarks print their result and, with --json, also write it for bench/results/, always with the host it
+    ran on (bench/host.py): a list of rows is written as {"host": ..., "rows": [...]}."""
+    if not path:
+        return
+    from afdserve.bench.host import host_info
+    if isinstance(data, list):
+        data = {"rows": data}
+    data = {"host": data.get("host") or host_info(device), **data}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
@@ -93,7 +100,19 @@ def _bench_kv_quant(args: argparse.Namespace) -> int:
     spec = KVQuantBenchSpec(tuple(args.kv_dtypes), args.num_tokens, args.chunk)
     rows = run_kv_quant_bench(config, spec)
     print(format_kv_quant_result(rows, config, spec))
-    _write_json(args.json, rows)
+    _write_json(args.json, rows, config.model.device)
+    return 0
+
+
+def _bench_weight_quant(args: argparse.Namespace) -> int:
+    from afdserve.bench.weight_quant import WeightQuantBenchSpec, format_weight_quant_result, run_weight_quant_bench
+
+    config = engine_config_from_args(args)
+    quantizations = tuple(None if q == "none" else q for q in args.quantizations)
+    spec = WeightQuantBenchSpec(quantizations, args.num_tokens, args.chunk)
+    rows = run_weight_quant_bench(config, spec)
+    print(format_weight_quant_result(rows, config, spec))
+    _write_json(args.json, rows, config.model.device)
     return 0
 
 
@@ -194,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     kvq.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens)")
     kvq.add_argument("--json", default=None)
     kvq.set_defaults(func=_bench_kv_quant)
+    wq = bench_sub.add_parser("weight-quant", help="perplexity and weight bytes for each --quantization")
+    add_engine_args(wq)
+    wq.add_argument("--quantizations", nargs="+", default=["none", "int8"], choices=["none", *QUANTIZATIONS],
+                    help="the first is the baseline of the delta column")
+    wq.add_argument("--num-tokens", type=int, default=2048, help="tokens of pydoc_data.topics to score")
+    wq.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens)")
+    wq.add_argument("--json", default=None)
+    wq.set_defaults(func=_bench_weight_quant)
     return parser
 
 

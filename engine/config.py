@@ -21,6 +21,7 @@ def option(default: Any, help: str, **cli: Any) -> Any:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class ModelConfig:
     attention_backend: str = option("auto", "auto: Triton kernels on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
     # Resolved in __post_init__, so a config always names a concrete device.
     device: str = option("auto", "auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
+    quantization: str | None = option(None, "weight-only quantization of the linear layers and the LM head: int8 "
+                                            "(per-channel scales; CPU); MoE experts keep the model dtype",
+                                      choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -44,6 +48,12 @@ class ModelConfig:
                              f"got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
+                             f"got {self.quantization!r}")
+        if self.quantization is not None and self.device != "cpu":
+            raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's int8 weight-only kernel); "
+                             f"leave it unset on {self.device}")
 
 
 def resolve_device(name: str) -> str:

@@ -9,6 +9,8 @@ import dataclasses
 import itertools
 import logging
 
+import torch
+
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.engine_core import EngineCore
 from afdserve.engine.executor import make_executor
@@ -18,7 +20,7 @@ from afdserve.engine.outputs import RequestOutput
 from afdserve.engine.request import Request
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
-from afdserve.models.hf_config import load_transformer_config
+from afdserve.models.hf_config import load_transformer_config, resolve_dtype
 from afdserve.models.model_path import default_cache_dir, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ class LLMEngine:
         self.model_dir = resolve_model_path(config.model.model, config.model.cache_dir or default_cache_dir())
         self.model_config = load_transformer_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
+        checkpoint_dtype = str(self.model_config.torch_dtype).removeprefix("torch.")
+        run_dtype = str(resolve_dtype(config.model.dtype, self.model_config, config.model.device)).removeprefix("torch.")
+        if config.model.dtype == "auto" and run_dtype != checkpoint_dtype:
+            logger.warning("this CPU has no native %s kernels (torch sees %s): dtype auto runs %s; --dtype %s forces "
+                           "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
         self.kv_spec = kv_cache_spec_for(config, self.model_config)
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()

@@ -53,7 +53,7 @@ def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> 
     """The KV format's bytes per block and fixed pools: sizes the block pool (LLMEngine) and the caches (runner)."""
     cache, sched = config.cache, config.scheduler
     shape = KVShape(model_config.num_kv_heads, cache.block_size, model_config.head_dim,
-                    resolve_dtype(config.model.dtype, model_config))
+                    resolve_dtype(config.model.dtype, model_config, config.model.device))
     return kv_cache_spec(cache.kv_cache_dtype, shape, model_config.num_layers, cache.kv_window, cache.stairs,
                          sched.max_num_seqs, sched.max_num_batched_tokens, cache.kv_cache_memory_gb * 2**30)
 
@@ -67,7 +67,7 @@ class ModelRunner:
         self.rank = rank  # the attention rank whose KV cache this is (data-parallel attention)
         self.model_config = model_config
         self.block_size = config.cache.block_size
-        self.dtype = resolve_dtype(config.model.dtype, model_config)
+        self.dtype = resolve_dtype(config.model.dtype, model_config, config.model.device)
         self.device = torch.device(config.model.device)
         self.kv_caches, self.kv_stairs = self._allocate_kv_caches(num_kv_blocks)
         # Where a block's new tokens are written: at its id (a range indexes as the identity), or for int4 / saq at
@@ -75,7 +75,7 @@ class ModelRunner:
         self.write_slot_of = self.kv_stairs.slot if self.kv_stairs else range(num_kv_blocks)
         attention = select_attention_backend(config.model.attention_backend, self.device)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
-                                self.model_role)
+                                self.model_role, quantization=config.model.quantization)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages

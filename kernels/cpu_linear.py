@@ -14,16 +14,26 @@ import torch.nn.functional as F
 _PACK_BATCH_HINT = 32  # oneDNN picks its blocking for this many rows; it still accepts any row count
 
 
+def onednn_runs_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for oneDNN's `dtype` kernels (bf16: AVX-512 BW/VL/DQ or AMX; fp16: AVX-512
+    FP16, AVX-NE-CONVERT or AMX). fp32 always; without them bf16 / fp16 fall back to slow conversions."""
+    if dtype == torch.float32:
+        return True
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 def can_prepack(weight: torch.Tensor) -> bool:
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dtype == torch.float32:
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if weight.dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
+    return onednn_runs_natively(weight.dtype)
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:

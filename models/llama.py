@@ -20,6 +20,7 @@ from torch import nn
 from afdserve.kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
+from afdserve.kernels.quant_linear import int8_linear, quantize_int8_per_channel
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mfa import MFAttention
 from afdserve.models.layers.mlp import GatedMLP
@@ -150,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_tied_head: torch.Tensor | None = None
+        self.int8_tied_head: tuple[torch.Tensor, torch.Tensor] | None = None  # --quantization int8: (codes, scales)
 
     def prune_to_role(self, role: str) -> None:
         """Keeps one side of attention-FFN disaggregation, before the weights are loaded. "attention": embeddings,
@@ -189,16 +191,22 @@ class LlamaForCausalLM(nn.Module):
         """The whole model in this process: the one layer loop with the FFN halves run in place."""
         return run_layers(self, [LayerInput(input_ids, positions, meta)], kv_caches, LocalFFN())[0]
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, quantization: str | None = None) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare_for_inference()
-        # The tied LM head reads the embedding table as a linear weight: pack a copy of it too.
-        if self.embed_tokens is not None:
+                module.prepare_for_inference(quantization)
+        # The tied LM head reads the embedding table as a linear weight: pack (or quantize) a copy of it too; the
+        # embedding lookup keeps the table as it is.
+        if self.embed_tokens is not None and self.lm_head is None:
             tied = self.embed_tokens.weight
-            self.packed_tied_head = prepack(tied) if self.lm_head is None and can_prepack(tied) else None
+            if quantization == "int8":
+                self.int8_tied_head = quantize_int8_per_channel(tied)
+            else:
+                self.packed_tied_head = prepack(tied) if can_prepack(tied) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
+        if self.int8_tied_head is not None:
+            return int8_linear(hidden, *self.int8_tied_head, None).float()
         return linear(hidden, self.embed_tokens.weight, None, self.packed_tied_head).float()

@@ -143,17 +143,23 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int,
                attention: AttentionBackend | None = None, device: torch.device | str = "cpu",
-               role: str | None = None) -> nn.Module:
+               role: str | None = None, ffn_shard: tuple[int, int] | None = None,
+               quantization: str | None = None) -> nn.Module:
     """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference.
     role: None for the whole model, or "attention" / "ffn" for one side of an AFD deployment (prune_to_role).
-    The weights are read on the host, cast, then moved to `device` (CPU-only packing happens after the move)."""
+    ffn_shard: (index, count) of an FFN worker among several: it keeps its shard of every MLP / MoE block.
+    quantization: None, or "int8" (weight-only; engine/config.QUANTIZATIONS), applied to what this process keeps.
+    The weights are read on the host, cast, moved to `device`, packed or quantized for inference, then sharded."""
     model = build_model(cfg, max_positions, attention)
     if role is not None:
         model.prune_to_role(role)
     load_weights(model, iter_safetensors(model_dir))
     cast_model(model, dtype)
     model.to(device)
-    model.eval().prepare_for_inference()
+    model.eval().prepare_for_inference(quantization)
+    if ffn_shard is not None:  # after quantizing: a shard's int8 codes and scales are the whole layer's
+        for layer in model.layers:
+            layer.mlp.shard_(*ffn_shard)
     return model
 
 

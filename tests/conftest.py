@@ -85,10 +85,10 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top: int):
+def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top: int, atol: float = 1e-4):
     """Runs all prompts batched through the engine with greedy sampling, logprobs and prompt logprobs, and checks
-    them against transformers: the same tokens, and every reported logprob within 1e-4 of transformers' log-softmax
-    (with transformers' top-`top` tokens among those reported). Returns the engine's outputs."""
+    them against transformers: the same tokens, and every reported logprob within `atol` of transformers'
+    log-softmax (with transformers' top-`top` tokens among those reported). Returns the engine's outputs."""
     from afdserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=top, prompt_logprobs=top)
@@ -103,7 +103,7 @@ def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top
         positions += [(lp, ref[len(prompt) - 1 + j]) for j, lp in enumerate(out.outputs[0].logprobs)]
         for reported, ref_row in positions:
             for token_id, lp in reported.items():
-                assert abs(lp.logprob - ref_row[token_id].item()) < 1e-4, (token_id, lp.logprob, ref_row[token_id])
+                assert abs(lp.logprob - ref_row[token_id].item()) < atol, (token_id, lp.logprob, ref_row[token_id])
             assert set(ref_row.topk(top).indices.tolist()) <= set(reported)
     return outs
 
@@ -131,6 +131,14 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
 
 
 # ---- plain-torch references written from the math (no engine code), for models without a transformers oracle -----
+
+def ref_minmax(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """KIVI from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
+    zero = lo.half().float()
+    return ((x - zero) / scale).round().clamp(0, 2 ** bits - 1) * scale + zero
+
 
 def greedy_tokens(next_logits, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding with a reference model's `next_logits(ids) -> [len(ids), V]`, recomputed from scratch."""

@@ -23,11 +23,19 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def shard_(self, rank: int, world: int) -> None:
-        """Keeps the intermediate slice of `rank` out of `world`, in place; its output becomes a partial sum."""
+        """Keeps the intermediate slice of `rank` out of `world`, in place; its output becomes a partial sum.
+
+        An int8 layer keeps its codes and per-output-channel scales: gate and up rows take their rows' scales,
+        down's column slice keeps every scale, so a shard computes exactly its part of the unsharded product."""
         lo, hi = shard_range(self.down_proj.in_features, rank, world)
         gate, up = self.gate_up_proj.weight.detach().chunk(2)
-        self.gate_up_proj = _linear_from(torch.cat([gate[lo:hi], up[lo:hi]]))
-        self.down_proj = _linear_from(self.down_proj.weight.detach()[:, lo:hi].contiguous())
+        scale = self.gate_up_proj.weight_scale
+        if scale is not None:
+            gate_scale, up_scale = scale.detach().chunk(2)
+            scale = torch.cat([gate_scale[lo:hi], up_scale[lo:hi]])
+        self.gate_up_proj = _linear_from(torch.cat([gate[lo:hi], up[lo:hi]]), scale)
+        self.down_proj = _linear_from(self.down_proj.weight.detach()[:, lo:hi].contiguous(),
+                                      self.down_proj.weight_scale)
 
 
 def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -39,9 +47,13 @@ def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
     return rank * size // world, (rank + 1) * size // world
 
 
-def _linear_from(weight: torch.Tensor) -> Linear:
+def _linear_from(weight: torch.Tensor, scale: torch.Tensor | None = None) -> Linear:
+    """A prepared Linear over `weight`, or over int8 codes with their per-output-channel `scale`."""
     out_features, in_features = weight.shape
     linear = Linear(in_features, out_features, bias=False, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
-    linear.prepare_for_inference()
+    if scale is not None:
+        linear.weight_scale = nn.Parameter(scale.detach(), requires_grad=False)
+    else:
+        linear.prepare_for_inference()
     return linear

@@ -19,7 +19,7 @@ ENGINE_FLAGS = {
     "--kv-cache-memory-gb": 1.0, "--num-kv-blocks": None, "--enable-prefix-caching": True,
     "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,256:8,384:4,inf:2",
     "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--cache-dir": None, "--attention-backend": "auto",
-    "--device": "auto",
+    "--device": "auto", "--quantization": None,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
              "--moe-parallel": "adaptive", "--threads-per-worker": None}
@@ -29,13 +29,13 @@ ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--se
         "--kv-cache-memory-gb", "0.5", "--num-kv-blocks", "64", "--no-enable-prefix-caching",
         "--kv-cache-dtype", "int4", "--kv-window", "64", "--kv-staircase", "32:16,64:4,inf:2", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "256", "--cache-dir", "/tmp/models", "--attention-backend", "torch",
-        "--device", "cpu", "--afd", "2A1F", "--micro-batches", "3", "--ray-address", "auto",
+        "--device", "cpu", "--quantization", "int8", "--afd", "2A1F", "--micro-batches", "3", "--ray-address", "auto",
         "--afd-transport", "shm", "--moe-parallel", "ep", "--threads-per-worker", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               kv_staircase="32:16,64:4,inf:2", max_num_seqs=8, max_num_batched_tokens=256,
-              cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", afd="2A1F", micro_batches=3,
-              ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
+              cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="2A1F",
+              micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
 
 
 def one_line_help(prog: str) -> argparse.HelpFormatter:

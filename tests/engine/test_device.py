@@ -44,3 +44,16 @@ def test_a_bad_device_name_is_refused_naming_it(name):
 def test_cuda_on_a_host_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
         ModelConfig(device="cuda")
+
+
+def test_dtype_auto_runs_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """An AVX2-only host has no oneDNN bf16 kernels (26 output tok/s against ~85 in fp32): auto picks fp32 there;
+    an explicit dtype and a GPU keep what was asked."""
+    import afdserve.models.hf_config as hf_config
+    from types import SimpleNamespace
+    checkpoint = SimpleNamespace(torch_dtype=torch.bfloat16)
+    for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(hf_config, "onednn_runs_natively", lambda dtype, native=native: native)
+        assert hf_config.resolve_dtype("auto", checkpoint, "cpu") == expected
+        assert hf_config.resolve_dtype("bfloat16", checkpoint, "cpu") == torch.bfloat16
+        assert hf_config.resolve_dtype("auto", checkpoint, "cuda:0") == torch.bfloat16

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from conftest import ref_minmax
 from afdserve.engine.config import SchedulerConfig, parse_staircase
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.kv_staircase import KVStaircase
@@ -17,14 +18,6 @@ from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairView, kv_cache_spec
 
 SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
-
-
-def ref_minmax(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """KIVI from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
-    zero = lo.half().float()
-    return ((x - zero) / scale).round().clamp(0, 2 ** bits - 1) * scale + zero
 
 
 def kivi_block(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import ref_minmax
 from afdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, parse_staircase
 from afdserve.kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStore, KiviStore, KVShape, QuantizedKVCache,
                                                  TokenScaledStore, absmax_dequant, absmax_quant, hadamard_matrix,
@@ -12,14 +13,6 @@ from afdserve.kernels.attention.kv_quant import (FP8_E4M3_MAX, FullPrecisionStor
 from afdserve.kernels.attention.kv_tiers import kv_cache_spec
 
 SHAPE = KVShape(num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float32)
-
-
-def ref_minmax(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """KIVI from the formula: scale = (max - min) / (2^b - 1), zero = min, both stored as fp16."""
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
-    zero = lo.half().float()
-    return ((x - zero) / scale).round().clamp(0, 2 ** bits - 1) * scale + zero
 
 
 # ---- quantizers -----------------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""--quantization int8 on tiny random Llamas against transformers whose linears are replaced by the formula, written
+here without the engine's code: per output channel s = max|w| / 127 and codes round(w / s); the product reads its
+input rounded to bf16 and rounds its output to bf16 (the kernel's activation dtype, kernels/quant_linear.py), the
+bias added after. Greedy tokens equal and logprobs within 5e-3 (fp32 model; the slack is bf16 rounding ties: ~2e-3
+seen). The tied variant checks that the LM head is quantized while the embedding lookup keeps the table as it is."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import generate_and_compare, make_tiny_model
+from afdserve import LLM
+from afdserve.models.loader import weight_bytes
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
+
+
+def int8_formula(module: nn.Linear):
+    w = module.weight.detach().clone()
+    scale = w.abs().amax(dim=1) / 127
+    weight = (w / scale[:, None]).round() * scale.bfloat16().float()[:, None]
+    bias = None if module.bias is None else module.bias.detach().clone()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = (x.bfloat16().float() @ weight.T).bfloat16().to(x.dtype)
+        return out if bias is None else out + bias
+    return forward
+
+
+def quantize_like_the_formula(hf) -> None:
+    """Every linear of the decoder layers and the LM head computed by the formula; a tied head gets its own."""
+    for layer in hf.model.layers:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                module.forward = int8_formula(module)
+    hf.lm_head.forward = int8_formula(hf.lm_head)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(tie_word_embeddings=True, attention_bias=True)])
+def test_int8_model_matches_transformers_with_rounded_weights(case, tmp_path):
+    hf = make_tiny_model(tmp_path, "llama", **case)
+    quantize_like_the_formula(hf)  # the embedding table, tied to the head or not, stays as it is for the lookup
+    with LLM(str(tmp_path), dtype="float32", block_size=16, quantization="int8") as llm:
+        generate_and_compare(llm, hf, PROMPTS, new_tokens=16, top=5, atol=5e-3)
+        model = llm.engine.core.executor.runner.model
+        assert model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    with LLM(str(tmp_path), dtype="float32", block_size=16) as full:
+        full_bytes = weight_bytes(full.engine.core.executor.runner.model)
+    assert weight_bytes(model) < full_bytes  # int8 codes and fp32 scales instead of fp32 weights
+
+
+def test_quantization_is_refused_off_the_cpu_and_unknown_names_clearly():
+    from afdserve.engine.config import ModelConfig
+    with pytest.raises(ValueError, match="quantization must be one of int8"):
+        ModelConfig(quantization="int3")
