@@ -33,7 +33,8 @@ class LLMEngine:
         self.model_config = load_transformer_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         checkpoint_dtype = str(self.model_config.torch_dtype).removeprefix("torch.")
-        run_dtype = str(resolve_dtype(config.model.dtype, self.model_config, config.model.device)).removeprefix("torch.")
+        run_dtype = resolve_dtype(config.model.dtype, self.model_config, config.model.device)
+        run_dtype = str(run_dtype).removeprefix("torch.")
         if config.model.dtype == "auto" and run_dtype != checkpoint_dtype:
             logger.warning("this CPU has no native %s kernels (torch sees %s): dtype auto runs %s; --dtype %s forces "
                            "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
