@@ -87,7 +87,13 @@ async def _one(client, spec: ServeSpec, prompt: list[int]) -> RequestResult:
     return result
 
 
-async def _run(spec: ServeSpec) -> tuple[list[RequestResult], float]:
+def request_tpot(r: RequestResult) -> float | None:
+    """vLLM's TPOT of one request: (E2EL - TTFT) / (output tokens - 1); None with fewer than two tokens."""
+    return (r.e2el - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
+
+
+async def run_requests(spec: ServeSpec) -> tuple[list[RequestResult], float]:
+    """Sends the spec's prompts as it says; returns each request's result and the run's duration in seconds."""
     import httpx
 
     prompts, gaps = _prompts(spec), _gaps(spec)
@@ -115,10 +121,10 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_serve_bench(spec: ServeSpec) -> dict:
-    results, duration = asyncio.run(_run(spec))
+    results, duration = asyncio.run(run_requests(spec))
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
-    tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    tpot = [t for t in map(request_tpot, done) if t is not None]
     return {
         "spec": asdict(spec), "completed": len(done), "failed": len(results) - len(done),
         "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,

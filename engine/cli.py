@@ -69,6 +69,33 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0 if result["failed"] == 0 else 1
 
 
+def _bench_sweep(args: argparse.Namespace) -> int:
+    from afdserve.bench.sweep import SweepSpec, format_sweep_result, parse_goodput, run_sweep
+
+    try:
+        spec = SweepSpec(args.base_url, args.model, args.num_prompts, args.input_len, args.output_len,
+                         args.vocab_size, args.bench_seed, tuple(args.concurrency or ()),
+                         tuple(args.request_rate or ()), args.search, args.search_max,
+                         parse_goodput(args.goodput or []), args.slo_percentile)
+    except ValueError as e:
+        print(f"afdserve bench sweep: {e}", file=sys.stderr)
+        return 2
+    result = run_sweep(spec)
+    print(format_sweep_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def _comma_list(kind):
+    """argparse type for "1,4,16": a list of `kind`."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
 def _bench_moe(args: argparse.Namespace) -> int:
     from afdserve.bench.moe import MoEBenchSpec, format_moe_result, run_moe_bench
 
@@ -176,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bench-seed", type=int, default=0)
     sv.add_argument("--json", default=None)
     sv.set_defaults(func=_bench_serve)
+    sw = bench_sub.add_parser("sweep", help="throughput and goodput against latency SLOs over loads, any "
+                                            "OpenAI-compatible server (bench/sweep.py)")
+    sw.add_argument("--base-url", default="http://127.0.0.1:8000")
+    sw.add_argument("--model", default="smollm2", help="the `model` field sent with each request")
+    sw.add_argument("--num-prompts", type=int, default=64, help="requests per load point")
+    sw.add_argument("--input-len", type=int, default=128)
+    sw.add_argument("--output-len", type=int, default=128)
+    sw.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
+    sw.add_argument("--bench-seed", type=int, default=0)
+    loads = sw.add_mutually_exclusive_group(required=True)
+    loads.add_argument("--concurrency", type=_comma_list(int), help="a grid, e.g. 1,4,16,32: requests in flight")
+    loads.add_argument("--request-rate", type=_comma_list(float), help="a grid, e.g. 1,2,4: Poisson requests/s")
+    loads.add_argument("--search", choices=["concurrency", "rate"],
+                       help="bisect for the highest load meeting the SLO: concurrency from 1, rate from "
+                            "--search-max / 64, up to --search-max")
+    sw.add_argument("--search-max", type=float, default=64)
+    sw.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs as vLLM's: ttft:MS tpot:MS e2el:MS")
+    sw.add_argument("--slo-percentile", type=float, default=90.0, help="a load meets the SLO at this percentile")
+    sw.add_argument("--json", default=None)
+    sw.set_defaults(func=_bench_sweep)
     moe = bench_sub.add_parser("moe", help="MoE layer (router + experts) tokens/s against tokens, CPU torch path")
     moe.add_argument("--hidden", type=int, default=512, help="default: Mixtral-8x7B scaled 8x down (bench/moe.py)")
     moe.add_argument("--intermediate", type=int, default=1792, help="one expert's SwiGLU width")

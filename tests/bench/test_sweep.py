@@ -1,0 +1,99 @@
+"""`afdserve bench sweep` (bench/sweep.py): the goodput arithmetic against DistServe's and vLLM's definitions, and the
+search against a fake OpenAI server whose per-token time grows with the requests in flight, so the load where the
+SLO breaks is known in advance."""
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from afdserve.bench.serve import RequestResult
+from afdserve.bench.sweep import SweepSpec, parse_goodput, run_sweep, summarize_point
+
+
+def test_goodput_attainment_and_percentiles_follow_the_definitions():
+    # (ttft s, e2el s, output tokens): TPOT = (e2el - ttft) / (tokens - 1)
+    shapes = [(0.1, 1.1, 11), (0.2, 2.2, 11), (0.05, 0.55, 6), (0.4, 0.9, 2), (0.1, 0.1, 1)]
+    results = [RequestResult(ok=True, ttft=t, e2el=e, output_tokens=n, itl=[(e - t) / max(n - 1, 1)] * (n - 1))
+               for t, e, n in shapes] + [RequestResult(ok=False, error="HTTP 500")]
+    slo = {"ttft": 250.0, "tpot": 150.0}
+    point = summarize_point(results, duration_s=4.0, slo=slo, percentile=90)
+    tpot_ms = [100.0, 200.0, 100.0, 500.0]  # the one-token request has no TPOT in the distribution ...
+    good = [True, False, True, False, True, False]  # ... and TPOT 0 for goodput (vLLM's); the failed one meets none
+    assert (point["completed"], point["failed"]) == (5, 1)
+    assert point["output_tok_s"] == pytest.approx(sum(n for _, _, n in shapes) / 4.0)
+    assert point["goodput_req_s"] == pytest.approx(sum(good) / 4.0)
+    assert point["slo_attainment"] == pytest.approx(sum(good) / len(results))
+    assert point["tpot_ms"]["p90"] == pytest.approx(np.percentile(tpot_ms, 90))
+    assert point["tpot_ms"]["mean"] == pytest.approx(np.mean(tpot_ms))
+    assert point["ttft_ms"]["p50"] == pytest.approx(np.percentile([100, 200, 50, 400, 100], 50))
+    assert not point["meets_slo"]  # a failed request, and TPOT p90 well over 150 ms
+
+
+def test_goodput_flags_take_vllms_syntax_and_refuse_the_rest():
+    assert parse_goodput(["ttft:500", "tpot:100", "e2el:2e4"]) == {"ttft": 500.0, "tpot": 100.0, "e2el": 20000.0}
+    for bad in ["itl:5", "tpot", "tpot:fast", "tpot:-1"]:
+        with pytest.raises(ValueError, match="--goodput"):
+            parse_goodput([bad])
+    with pytest.raises(ValueError, match="one of"):
+        SweepSpec(concurrency=(1,), request_rate=(1.0,))
+    with pytest.raises(ValueError, match="needs an SLO"):
+        SweepSpec(search="concurrency")
+
+
+BASE_S, PER_ACTIVE_S = 0.002, 0.010  # the fake server's time per token: 2 ms + 10 ms per request in flight
+
+
+@pytest.fixture(scope="module")
+def slowing_server():
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    in_flight = [0]
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        async def stream():
+            in_flight[0] += 1
+            try:
+                for _ in range(body["max_tokens"]):
+                    await asyncio.sleep(BASE_S + PER_ACTIVE_S * in_flight[0])
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'text': 'x'}]})}\n\n"
+                yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': body['max_tokens']}})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                in_flight[0] -= 1
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_search_finds_the_concurrency_where_the_tpot_slo_breaks(slowing_server):
+    """TPOT at concurrency c is about 2 + 10c ms, so a 47 ms p90 SLO holds up to c = 4 and breaks at 5."""
+    spec = SweepSpec(base_url=slowing_server, model="fake", num_prompts=16, input_len=4, output_len=6,
+                     search="concurrency", search_max=16, slo={"tpot": 47.0}, slo_percentile=90)
+    result = run_sweep(spec)
+    loads = [p["concurrency"] for p in result["points"]]
+    assert loads == sorted(loads) and 1 in loads and 16 in loads
+    best = result["max_under_slo"]
+    assert best is not None and best["concurrency"] == 4, [(p["concurrency"], p["tpot_ms"]["p90"]) for p in
+                                                           result["points"]]
+    assert any(p["concurrency"] == 5 and not p["meets_slo"] for p in result["points"])
+    assert best["failed"] == 0 and best["slo_attainment"] > 0.5
+    assert best["tpot_ms"]["p50"] == pytest.approx(1e3 * (BASE_S + PER_ACTIVE_S * 4), rel=0.3)
