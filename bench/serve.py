@@ -4,6 +4,10 @@ Random token-id prompts go to POST /v1/completions with `stream=true` and `strea
 are Poisson (`--request-rate R`, gamma-shaped with `--burstiness`) or all at once (`inf`), capped by
 `--max-concurrency`. Per request it records TTFT, the gaps between streamed chunks (ITL), end-to-end latency and
 the server-reported output tokens; TPOT = (E2EL - TTFT) / (output tokens - 1).
+
+Workloads: every request `input_len` in / `output_len` out (`length_dist` fixed), or lengths drawn per request around
+them (uniform on [len/2, 3len/2]; lognormal with that median and sigma 0.5, clipped to [1, 4 len]); with
+`shared_prefix_len` every prompt starts with the same tokens (a system prompt: prefix caching's case).
 """
 from __future__ import annotations
 
@@ -28,6 +32,15 @@ class ServeSpec:
     burstiness: float = 1.0  # 1.0: Poisson; < 1 burstier, > 1 more regular (gamma-distributed gaps)
     vocab_size: int = 49152
     seed: int = 0
+    length_dist: str = "fixed"  # fixed, uniform or lognormal (LENGTH_DISTS)
+    shared_prefix_len: int = 0  # tokens every prompt starts with, before its own input_len
+
+    def __post_init__(self) -> None:
+        if self.length_dist not in LENGTH_DISTS:
+            raise ValueError(f"length_dist must be one of {', '.join(LENGTH_DISTS)}, got {self.length_dist!r}")
+
+
+LENGTH_DISTS = ("fixed", "uniform", "lognormal")
 
 
 @dataclass
@@ -40,10 +53,23 @@ class RequestResult:
     error: str = ""
 
 
-def _prompts(spec: ServeSpec) -> list[list[int]]:
-    # Ids well inside the vocabulary, above the special tokens at its start.
+def lengths(dist: str, mean: int, n: int, rng: np.random.Generator) -> list[int]:
+    """n lengths around `mean`: all equal (fixed), uniform on [mean/2, 3 mean/2], or lognormal with median `mean`."""
+    if dist == "fixed":
+        return [mean] * n
+    if dist == "uniform":
+        return rng.integers(max(1, mean // 2), mean + mean // 2 + 1, n).tolist()
+    return np.clip(np.round(rng.lognormal(np.log(mean), 0.5, n)), 1, 4 * mean).astype(int).tolist()
+
+
+def requests(spec: ServeSpec) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) per request. Ids well inside the vocabulary, above its special tokens."""
     rng = np.random.default_rng(spec.seed)
-    return rng.integers(100, spec.vocab_size - 100, (spec.num_requests, spec.input_len)).tolist()
+    ids = lambda n: rng.integers(100, spec.vocab_size - 100, n).tolist()
+    prefix = ids(spec.shared_prefix_len)
+    ins = lengths(spec.length_dist, spec.input_len, spec.num_requests, rng)
+    outs = lengths(spec.length_dist, spec.output_len, spec.num_requests, rng)
+    return [(prefix + ids(n_in), n_out) for n_in, n_out in zip(ins, outs)]
 
 
 def _gaps(spec: ServeSpec) -> list[float]:
@@ -54,8 +80,8 @@ def _gaps(spec: ServeSpec) -> list[float]:
     return rng.gamma(spec.burstiness, theta, spec.num_requests).tolist()
 
 
-async def _one(client, spec: ServeSpec, prompt: list[int]) -> RequestResult:
-    body = {"model": spec.model, "prompt": prompt, "max_tokens": spec.output_len, "ignore_eos": True,
+async def _one(client, spec: ServeSpec, prompt: list[int], max_tokens: int) -> RequestResult:
+    body = {"model": spec.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     last = None
@@ -96,19 +122,19 @@ async def run_requests(spec: ServeSpec) -> tuple[list[RequestResult], float]:
     """Sends the spec's prompts as it says; returns each request's result and the run's duration in seconds."""
     import httpx
 
-    prompts, gaps = _prompts(spec), _gaps(spec)
+    work, gaps = requests(spec), _gaps(spec)
     limit = asyncio.Semaphore(spec.max_concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
             max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency)) as client:
-        async def limited(prompt):
+        async def limited(prompt, max_tokens):
             async with limit:
-                return await _one(client, spec, prompt)
+                return await _one(client, spec, prompt, max_tokens)
 
         start = time.perf_counter()
         tasks = []
-        for prompt, gap in zip(prompts, gaps):
+        for (prompt, max_tokens), gap in zip(work, gaps):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(prompt)))
+            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - start
 
@@ -141,6 +167,7 @@ def format_serve_result(r: dict) -> str:
                          f"p99 {r[name]['p99_ms']:.1f}") if r[name]["mean_ms"] is not None else f"{name}: n/a"
     return "\n".join([
         f"{s['base_url']} model={s['model']} requests={s['num_requests']} in={s['input_len']} out={s['output_len']} "
+        f"({s['length_dist']}, shared prefix {s['shared_prefix_len']}) "
         f"max_concurrency={s['max_concurrency']} rate={s['request_rate']} burstiness={s['burstiness']}",
         f"completed {r['completed']}, failed {r['failed']}, {r['duration_s']:.1f} s, "
         f"output {r['output_tok_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s",

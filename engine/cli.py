@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from afdserve.bench.serve import LENGTH_DISTS
 from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
 from afdserve.engine.config import QUANTIZATIONS
 
@@ -62,7 +63,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from afdserve.bench.serve import ServeSpec, format_serve_result, run_serve_bench
 
     spec = ServeSpec(args.base_url, args.served_model, args.num_requests, args.input_len, args.output_len,
-                     args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed)
+                     args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed,
+                     args.length_dist, args.shared_prefix_len)
     result = run_serve_bench(spec)
     print(format_serve_result(result))
     _write_json(args.json, result)
@@ -74,9 +76,9 @@ def _bench_sweep(args: argparse.Namespace) -> int:
 
     try:
         spec = SweepSpec(args.base_url, args.model, args.num_prompts, args.input_len, args.output_len,
-                         args.vocab_size, args.bench_seed, tuple(args.concurrency or ()),
-                         tuple(args.request_rate or ()), args.search, args.search_max,
-                         parse_goodput(args.goodput or []), args.slo_percentile)
+                         args.vocab_size, args.bench_seed, args.length_dist, args.shared_prefix_len,
+                         tuple(args.concurrency or ()), tuple(args.request_rate or ()), args.search,
+                         args.search_max, parse_goodput(args.goodput or []), args.slo_percentile)
     except ValueError as e:
         print(f"afdserve bench sweep: {e}", file=sys.stderr)
         return 2
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--burstiness", type=float, default=1.0)
     sv.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
     sv.add_argument("--bench-seed", type=int, default=0)
+    sv.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
+                    help="per-request input and output lengths around --input-len / --output-len")
+    sv.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
     sv.add_argument("--json", default=None)
     sv.set_defaults(func=_bench_serve)
     sw = bench_sub.add_parser("sweep", help="throughput and goodput against latency SLOs over loads, any "
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--output-len", type=int, default=128)
     sw.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
     sw.add_argument("--bench-seed", type=int, default=0)
+    sw.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
+                    help="per-request input and output lengths around --input-len / --output-len")
+    sw.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
     loads = sw.add_mutually_exclusive_group(required=True)
     loads.add_argument("--concurrency", type=_comma_list(int), help="a grid, e.g. 1,4,16,32: requests in flight")
     loads.add_argument("--request-rate", type=_comma_list(float), help="a grid, e.g. 1,2,4: Poisson requests/s")

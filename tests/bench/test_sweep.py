@@ -97,3 +97,19 @@ def test_search_finds_the_concurrency_where_the_tpot_slo_breaks(slowing_server):
     assert any(p["concurrency"] == 5 and not p["meets_slo"] for p in result["points"])
     assert best["failed"] == 0 and best["slo_attainment"] > 0.5
     assert best["tpot_ms"]["p50"] == pytest.approx(1e3 * (BASE_S + PER_ACTIVE_S * 4), rel=0.3)
+
+
+def test_workloads_draw_lengths_around_the_means_and_share_the_prefix():
+    from afdserve.bench.serve import ServeSpec, requests
+    fixed = requests(ServeSpec(num_requests=50, input_len=40, output_len=20))
+    assert {(len(p), n) for p, n in fixed} == {(40, 20)}
+    uniform = requests(ServeSpec(num_requests=400, input_len=40, output_len=20, length_dist="uniform",
+                                 shared_prefix_len=7))
+    ins, outs = [len(p) - 7 for p, _ in uniform], [n for _, n in uniform]
+    assert min(ins) >= 20 and max(ins) <= 60 and abs(np.mean(ins) - 40) < 2
+    assert min(outs) >= 10 and max(outs) <= 30 and abs(np.mean(outs) - 20) < 1.5
+    assert len({tuple(p[:7]) for p, _ in uniform}) == 1 and len({tuple(p[7:9]) for p, _ in uniform}) > 1
+    lognormal = [n for _, n in requests(ServeSpec(num_requests=2000, output_len=64, length_dist="lognormal"))]
+    assert abs(np.median(lognormal) - 64) < 4 and 1 <= min(lognormal) and max(lognormal) <= 256
+    with pytest.raises(ValueError, match="length_dist"):
+        ServeSpec(length_dist="zipf")
