@@ -88,6 +88,25 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cost(args: argparse.Namespace) -> int:
+    from afdserve.bench.cost import CostSpec, format_cost_result, run_cost
+
+    try:
+        prices = {}
+        for item in args.price or []:
+            name, sep, usd = item.partition("=")
+            if not sep:
+                raise ValueError(f"--price takes NAME=USD_PER_CARD_HOUR, got {item!r}")
+            prices[name] = float(usd)
+        result = run_cost(CostSpec(tuple(args.model), tuple(args.context), tuple(args.hardware), prices))
+    except ValueError as e:
+        print(f"afdserve bench cost: {e}", file=sys.stderr)
+        return 2
+    print(format_cost_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _comma_list(kind):
     """argparse type for "1,4,16": a list of `kind`."""
     def parse(text: str) -> list:
@@ -231,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--slo-percentile", type=float, default=90.0, help="a load meets the SLO at this percentile")
     sw.add_argument("--json", default=None)
     sw.set_defaults(func=_bench_sweep)
+    from afdserve.bench.cost import CATALOG, HARDWARE  # plain data, no torch
+    cost = bench_sub.add_parser("cost", help="Step-3's theoretical decoding cost per model, context and card "
+                                             "(bench/cost.py)")
+    cost.add_argument("--model", nargs="+", default=list(CATALOG), metavar="NAME_OR_CONFIG",
+                      help=f"catalog names ({', '.join(CATALOG)}) or paths to HF config.json files")
+    cost.add_argument("--context", nargs="+", type=int, default=[8192, 32768])
+    cost.add_argument("--hardware", nargs="+", default=list(HARDWARE), choices=list(HARDWARE))
+    cost.add_argument("--price", nargs="+", metavar="NAME=USD", help="USD per card-hour; H100, H200 and B200 have none")
+    cost.add_argument("--json", default=None)
+    cost.set_defaults(func=_bench_cost)
     moe = bench_sub.add_parser("moe", help="MoE layer (router + experts) tokens/s against tokens, CPU torch path")
     moe.add_argument("--hidden", type=int, default=512, help="default: Mixtral-8x7B scaled 8x down (bench/moe.py)")
     moe.add_argument("--intermediate", type=int, default=1792, help="one expert's SwiGLU width")
