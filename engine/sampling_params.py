@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class SamplingParams:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
+        for name in _FLOAT_FIELDS:  # NaN passes every range check below, and JSON parsers accept NaN and 1e400
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "must be a finite number")
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", "must be an integer >= 1")
         if self.temperature < 0:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -36,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from afdserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from afdserve.engine.outputs import CompletionOutput, RequestOutput
 from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.server.protocol import MAX_N
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as pb
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -66,10 +66,9 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """The set fields of `msg` over SamplingParams' defaults; INVALID_ARGUMENT naming the field if one is bad."""
     kwargs = {f.name: v if isinstance(v, (bool, int, float, str)) else dict(v) if f.message_type else list(v)
               for f, v in msg.ListFields()}  # a map field (logit_bias) is a repeated message field
-    for name, value in kwargs.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number, got {value}",
-                               f"sampling.{name}")
+    if kwargs.get("n", 1) > MAX_N:  # HTTP's cap too: n sequences are queued at once
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"n must be at most {MAX_N}, got {kwargs['n']}",
+                           "sampling.n")
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:

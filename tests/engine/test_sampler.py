@@ -275,3 +275,11 @@ def test_logprobs_are_raw_with_ranks():
     tokens, logprobs = Sampler()(logits, [r2], [None])
     assert tokens == [0] and logprobs[0].token_ids == [0] and logprobs[0].ranks == [2]
     assert logprobs[0].logprobs == pytest.approx([raw[0]], abs=1e-6)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_sampling_params_refuse_non_finite_floats_by_name(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+        SamplingParams(**{field: value})

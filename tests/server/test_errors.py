@@ -40,6 +40,13 @@ CASES = [
     case("top-p-2", COMPLETIONS, {"prompt": "hi", "top_p": 2}, param="top_p"),
     case("temperature-negative", COMPLETIONS, {"prompt": "hi", "temperature": -1}, param="temperature"),
     case("temperature-wrong-type", COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, param="temperature"),
+    # Python's JSON parser reads NaN, Infinity and 1e400 (infinite): each a number no range check catches.
+    case("temperature-nan", COMPLETIONS, b'{"prompt": "hi", "temperature": NaN}', param="temperature"),
+    case("temperature-infinity", COMPLETIONS, b'{"prompt": "hi", "temperature": Infinity}', param="temperature"),
+    case("repetition-penalty-1e400", COMPLETIONS, b'{"prompt": "hi", "repetition_penalty": 1e400}',
+         param="repetition_penalty"),
+    case("chat-frequency-penalty-nan", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], '
+                                             b'"frequency_penalty": NaN}', param="frequency_penalty"),
     case("top-k-negative", COMPLETIONS, {"prompt": "hi", "top_k": -5}, param="top_k"),
     case("presence-penalty-out-of-range", COMPLETIONS, {"prompt": "hi", "presence_penalty": 5},
          param="presence_penalty"),
