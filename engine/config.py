@@ -175,8 +175,15 @@ class ParallelConfig:
                              f"got {self.moe_parallel!r}")
         if self.afd_transport not in AFD_TRANSPORTS:
             raise ValueError(f"afd_transport must be gloo or shm, got {self.afd_transport!r}")
-        if self.afd is not None:
-            parse_afd_ratio(self.afd)
+        # A setting that would change nothing is refused, not ignored (a value equal to the default can't be told).
+        if self.afd is None:
+            unused = [f.name for f in fields(self) if f.name != "afd" and getattr(self, f.name) != f.default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: set, but used only with afd (e.g. afd='1A1F', --afd 1A1F); "
+                                 f"set afd or leave them out")
+        elif parse_afd_ratio(self.afd)[1] == 1 and self.moe_parallel != "adaptive":
+            raise ValueError(f"moe_parallel {self.moe_parallel!r} chooses how several FFN workers share the experts; "
+                             f"afd {self.afd} has one FFN worker (use xAyF with y > 1, or leave it out)")
 
     @property
     def enabled(self) -> bool:

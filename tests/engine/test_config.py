@@ -29,12 +29,12 @@ ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--se
         "--kv-cache-memory-gb", "0.5", "--num-kv-blocks", "64", "--no-enable-prefix-caching",
         "--kv-cache-dtype", "int4", "--kv-window", "64", "--kv-staircase", "32:16,64:4,inf:2", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "256", "--cache-dir", "/tmp/models", "--attention-backend", "torch",
-        "--device", "cpu", "--quantization", "int8", "--afd", "2A1F", "--micro-batches", "3", "--ray-address", "auto",
+        "--device", "cpu", "--quantization", "int8", "--afd", "2A2F", "--micro-batches", "3", "--ray-address", "auto",
         "--afd-transport", "shm", "--moe-parallel", "ep", "--threads-per-worker", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               kv_staircase="32:16,64:4,inf:2", max_num_seqs=8, max_num_batched_tokens=256,
-              cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="2A1F",
+              cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="2A2F",
               micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
 
 
@@ -73,7 +73,7 @@ def test_a_command_line_gives_the_config_its_keywords_give():
     assert from_cli == engine_config(**KWARGS)
     assert (from_cli.parallel.afd_transport, from_cli.cache.enable_prefix_caching, from_cli.model.cache_dir,
             from_cli.scheduler.max_num_batched_tokens) == ("shm", False, Path("/tmp/models"), 256)
-    assert (from_cli.parallel.num_attention_workers, from_cli.parallel.num_ffn_workers) == (2, 1)
+    assert (from_cli.parallel.num_attention_workers, from_cli.parallel.num_ffn_workers) == (2, 2)
     assert from_cli.cache.stairs == [(32, 16), (64, 4), (float("inf"), 2)]
 
 
@@ -113,3 +113,15 @@ def test_every_config_has_the_same_attributes_with_or_without_afd():
     assert (ParallelConfig().num_attention_workers, ParallelConfig().num_ffn_workers) == (0, 0)
     assert (ParallelConfig(afd="3a2f").num_attention_workers, ParallelConfig(afd="3a2f").num_ffn_workers) == (3, 2)
     assert CacheConfig().stairs == [(128, 16), (256, 8), (384, 4), (float("inf"), 2)]
+
+
+def test_afd_settings_without_afd_are_refused_not_ignored():
+    for kwargs in (dict(micro_batches=3), dict(afd_transport="shm"), dict(threads_per_worker=1),
+                   dict(moe_parallel="ep"), dict(ray_address="auto")):
+        (name,) = kwargs
+        with pytest.raises(ValueError, match=f"^{name}: set, but used only with afd"):
+            engine_config(**kwargs)
+    with pytest.raises(ValueError, match="afd 1A1F has one FFN worker"):
+        engine_config(afd="1A1F", moe_parallel="sliced")
+    assert engine_config(afd="1A2F", moe_parallel="sliced").parallel.moe_parallel == "sliced"
+    assert engine_config(afd="1A1F", micro_batches=3, afd_transport="shm").parallel.micro_batches == 3
