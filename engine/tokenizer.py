@@ -31,6 +31,7 @@ class Tokenizer:
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -51,6 +52,15 @@ class Tokenizer:
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from None
+
+
+def check_unicode(text: str) -> None:
+    """JSON's \\ud800-style escapes can carry a lone surrogate, which no tokenizer (nor UTF-8) can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate {bad!r} at character {e.start}") from None
 
 
 def validate_messages(messages: list[dict]) -> None:

@@ -75,11 +75,13 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.post("/tokenize")
     async def tokenize(raw_request: Request) -> Response:
-        return _json(tokenization.tokenize(await read_body(raw_request, TokenizeRequest)))
+        request = await read_body(raw_request, TokenizeRequest)
+        return _json(_bad_input_as_400(tokenization.tokenize, request))
 
     @app.post("/detokenize")
     async def detokenize(raw_request: Request) -> Response:
-        return _json(tokenization.detokenize(await read_body(raw_request, DetokenizeRequest)))
+        request = await read_body(raw_request, DetokenizeRequest)
+        return _json(_bad_input_as_400(tokenization.detokenize, request))
 
     @app.get("/health")
     async def health() -> Response:
@@ -105,12 +107,22 @@ async def read_body(raw_request: Request, model: type[Body]) -> Body:
         data = json.loads(raw)
     except UnicodeDecodeError:
         raise APIError("the request body is not valid UTF-8", 400) from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise APIError("the request body nests too deeply", 400) from None
     except ValueError as e:
         raise APIError(f"the request body is not valid JSON: {e}", 400) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation_errors(e.errors(include_url=False)) from None
+
+
+def _bad_input_as_400(handler, request):
+    """A handler's ValueError (input the engine refused, e.g. invalid Unicode) in the API's error shape."""
+    try:
+        return handler(request)
+    except ValueError as e:
+        raise from_exception(e) from None
 
 
 def _json(body: BaseModel) -> Response:

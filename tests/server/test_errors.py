@@ -45,6 +45,13 @@ CASES = [
     case("temperature-infinity", COMPLETIONS, b'{"prompt": "hi", "temperature": Infinity}', param="temperature"),
     case("repetition-penalty-1e400", COMPLETIONS, b'{"prompt": "hi", "repetition_penalty": 1e400}',
          param="repetition_penalty"),
+    case("json-nested-2000-deep", COMPLETIONS, b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+         message="nests too deeply"),
+    case("prompt-lone-surrogate", COMPLETIONS, b'{"prompt": "abc\\ud800def"}', message="lone surrogate"),
+    case("prompt-list-lone-surrogate", COMPLETIONS, b'{"prompt": ["ok", "abc\\ud800def"]}', message="lone surrogate"),
+    case("chat-lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "abc\\ud800def"}]}',
+         message="lone surrogate"),
+    case("tokenize-lone-surrogate", "/tokenize", b'{"prompt": "\\udfff"}', message="lone surrogate"),
     case("chat-frequency-penalty-nan", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], '
                                              b'"frequency_penalty": NaN}', param="frequency_penalty"),
     case("top-k-negative", COMPLETIONS, {"prompt": "hi", "top_k": -5}, param="top_k"),
