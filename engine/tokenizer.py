@@ -29,6 +29,9 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        # No token stands for more text than this many UTF-8 bytes of its vocabulary string (a byte-level BPE
+        # string is its bytes, or longer), so a text of n characters has at least n / max_token_bytes tokens.
+        self.max_token_bytes = max(len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_unicode(text)

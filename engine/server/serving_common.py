@@ -63,6 +63,20 @@ class ServingContext:
                            f"{max_tokens} in the completion). Please reduce the length of the {field} or "
                            f"completion.", 400, field)
 
+    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids; a text that cannot fit the context whatever its tokens is refused before it is
+        tokenized, which holds the event loop (a 10 MB prompt took 11 s)."""
+        limit = self.engine.max_model_len
+        at_least = len(text) // (2 * self.tokenizer.max_token_bytes)  # half the bound: normalizers may shrink text
+        if at_least >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, the {field} has "
+                           f"{len(text)} characters, at least {at_least} tokens. Please reduce the length of the "
+                           f"{field}.", 400, field)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens)
+        except ValueError as e:
+            raise APIError(str(e), 400, field) from None
+
     def decode_token(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -72,7 +86,7 @@ class ServingContext:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(str(e), 400, "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, "messages", add_special_tokens=False)
 
 
 def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None = None,

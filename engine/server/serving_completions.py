@@ -65,7 +65,7 @@ class CompletionServing:
         out = []
         for item in prompt:
             if isinstance(item, str):
-                out.append(Prompt(self.ctx.tokenizer.encode(item, request.add_special_tokens), item))
+                out.append(Prompt(self.ctx.encode(item, "prompt", request.add_special_tokens), item))
             else:
                 self.ctx.check_token_ids(item, "prompt")
                 out.append(Prompt(list(item), None))
