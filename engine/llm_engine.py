@@ -73,7 +73,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_params(params)
+        self.check_params(params)
         prompt_text, prompt_ids = self._tokenize_prompt(prompt)
         max_tokens = self._max_tokens(params, len(prompt_ids))
         child_params = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
@@ -103,8 +103,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"{field} must be integers in [0, {vocab}), got {bad[:3]}")
 
-    def _check_params(self, params: SamplingParams) -> None:
-        """The checks that need the model (SamplingParams makes the rest): a bad value here would fail a whole step."""
+    def check_params(self, params: SamplingParams) -> None:
+        """The checks that need the model (SamplingParams makes the rest): a bad value here would fail a whole step.
+        The server runs them before it answers, so a streaming request gets the same 400 as a non-streaming one."""
         vocab = self.model_config.vocab_size
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)

@@ -114,7 +114,7 @@ async def read_body(raw_request: Request, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise from_validation_errors(e.errors(include_url=False)) from None
+        raise from_validation_errors(e.errors(include_url=False), model.model_fields) from None
 
 
 def _bad_input_as_400(handler, request):

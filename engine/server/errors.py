@@ -9,6 +9,7 @@ from __future__ import annotations
 import http
 import json
 import re
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,8 +59,9 @@ def engine_dead() -> APIError:
     return APIError("the engine loop is not running; the server must be restarted", 503)
 
 
-def from_validation_errors(errors: list[dict]) -> APIError:
-    """One 400 from pydantic's error list: each error as "field.path: message", param = the top-level field."""
+def from_validation_errors(errors: list[dict], fields: Iterable[str] = ()) -> APIError:
+    """One 400 from pydantic's error list: each error as "field.path: message", param = the top-level field, or for
+    an error of the whole body (a model validator) the field its message starts with, if it is one of `fields`."""
     lines, param = [], None
     for err in errors:
         loc = [str(part) for part in err.get("loc", ()) if part != "body"]
@@ -67,6 +69,8 @@ def from_validation_errors(errors: list[dict]) -> APIError:
         lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
         if param is None and loc:
             param = loc[0]
+        elif param is None and msg.split(" ", 1)[0] in fields:
+            param = msg.split(" ", 1)[0]
     unique = list(dict.fromkeys(lines))
     return APIError("; ".join(unique[:5]) or "invalid request", 400, param)
 

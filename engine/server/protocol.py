@@ -176,7 +176,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("response_format other than text is not supported")
         # Silently answering in plain text would look like a model that chose no tool: refuse instead.
         if self.tools and self.tool_choice != "none":
-            raise ValueError('tool calling is not supported; send tool_choice "none" to have the tools ignored')
+            raise ValueError('tools (tool calling) are not supported; send tool_choice "none" to have them ignored')
         return self
 
     @property

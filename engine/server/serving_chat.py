@@ -31,9 +31,11 @@ class ChatServing:
         ctx.check_model(request.model)
         messages = [m.to_template_dict() for m in request.messages]
         prompt_ids = ctx.chat_prompt_ids(messages, request.add_generation_prompt)
-        ctx.check_context_length(len(prompt_ids), request.output_limit, "messages")
+        output_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        ctx.check_context_length(len(prompt_ids), request.output_limit, "messages", output_field)
         num_top = (request.top_logprobs or 0) if request.logprobs else None
         params = to_sampling_params(request, request.output_limit, logprobs=num_top)
+        ctx.check_params(params)
         run = _ChatRun(ctx, request, prompt_ids, f"chatcmpl-{uuid.uuid4().hex}", num_top)
         if request.stream:
             return run.stream(params)

@@ -48,8 +48,18 @@ class ServingContext:
         except ValueError as e:
             raise APIError(str(e), 400, field) from None
 
-    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, field: str) -> None:
-        """400 when the prompt plus the requested output does not fit the context (vLLM's rule and message)."""
+    def check_params(self, params: SamplingParams) -> None:
+        """The engine's checks of sampling parameters against the model, as a 400 naming the field."""
+        try:
+            self.engine.engine.check_params(params)
+        except ValueError as e:
+            field = str(e).split(" ", 1)[0]
+            raise APIError(str(e), 400, field) from None
+
+    def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, field: str,
+                             output_field: str = "max_tokens") -> None:
+        """400 when the prompt plus the requested output does not fit the context (vLLM's rule and message); the
+        error names the output field when the output alone cannot fit, else the prompt's."""
         limit = self.engine.max_model_len
         if num_prompt_tokens == 0:
             raise APIError(f"{field} must not be empty", 400, field)
@@ -61,7 +71,7 @@ class ServingContext:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {field}, "
                            f"{max_tokens} in the completion). Please reduce the length of the {field} or "
-                           f"completion.", 400, field)
+                           f"completion.", 400, output_field if max_tokens >= limit else field)
 
     def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
         """The text's token ids; a text that cannot fit the context whatever its tokens is refused before it is

@@ -51,6 +51,7 @@ class CompletionServing:
             ctx.check_context_length(len(prompt.token_ids), max_tokens, "prompt")
         prompt_logprobs = request.logprobs if request.echo else None
         params = to_sampling_params(request, max_tokens, logprobs=request.logprobs, prompt_logprobs=prompt_logprobs)
+        ctx.check_params(params)
         run = _CompletionRun(ctx, request, prompts, f"cmpl-{uuid.uuid4().hex}", echo_only)
         if request.stream:
             return run.stream(params)

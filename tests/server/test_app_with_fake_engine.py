@@ -15,6 +15,8 @@ from afdserve.engine.server.api_server import build_app
 
 
 class FakeTokenizer:
+    max_token_bytes = 1  # one token per character
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 50 for c in text]
 
@@ -32,7 +34,7 @@ class FakeEngine:
         self.is_alive = alive
         self.tokenizer = FakeTokenizer()
         self.max_model_len = 64
-        self.engine = SimpleNamespace(model_config=SimpleNamespace(vocab_size=50))
+        self.engine = SimpleNamespace(model_config=SimpleNamespace(vocab_size=50), check_params=lambda params: None)
 
     def stage_times(self) -> None:  # no AFD
         return None
