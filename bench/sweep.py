@@ -42,15 +42,8 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    base_url: str = "http://127.0.0.1:8000"
-    model: str = "smollm2"
-    num_prompts: int = 64
-    input_len: int = 128
-    output_len: int = 128
-    vocab_size: int = 49152
-    seed: int = 0
-    length_dist: str = "fixed"  # bench/serve.py's workloads: fixed, uniform or lognormal lengths ...
-    shared_prefix_len: int = 0  # ... and a prefix every prompt shares
+    # The requests of every load point (server, model, prompts, lengths); its concurrency and rate are set per point.
+    workload: ServeSpec = field(default_factory=lambda: ServeSpec(num_requests=64))
     concurrency: tuple[int, ...] = ()  # a grid of concurrencies ...
     request_rate: tuple[float, ...] = ()  # ... or of request rates (requests per second)
     search: str | None = None  # or "concurrency" / "rate": bisect up to search_max
@@ -113,11 +106,8 @@ def summarize_point(results: list[RequestResult], duration_s: float, slo: dict[s
 
 def run_point(spec: SweepSpec, concurrency: int | None = None, request_rate: float | None = None) -> dict:
     """One load: `concurrency` requests in flight at most, sent at once; or Poisson arrivals at `request_rate`."""
-    serve = ServeSpec(base_url=spec.base_url, model=spec.model, num_requests=spec.num_prompts,
-                      input_len=spec.input_len, output_len=spec.output_len,
-                      max_concurrency=concurrency or spec.num_prompts,
-                      request_rate=request_rate or float("inf"), vocab_size=spec.vocab_size, seed=spec.seed,
-                      length_dist=spec.length_dist, shared_prefix_len=spec.shared_prefix_len)
+    serve = dataclasses.replace(spec.workload, max_concurrency=concurrency or spec.workload.num_requests,
+                                request_rate=request_rate or float("inf"))
     results, duration = asyncio.run(run_requests(serve))
     load = {"concurrency": concurrency} if concurrency else {"request_rate": request_rate}
     return {**load, **summarize_point(results, duration, spec.slo, spec.slo_percentile)}
@@ -160,10 +150,11 @@ def run_sweep(spec: SweepSpec, run=run_point) -> dict:
 
 def format_sweep_result(result: dict) -> str:
     spec, key = result["spec"], result["load"]
+    w = spec["workload"]
     at = f"p{spec['slo_percentile']:g}"
     slo = ", ".join(f"{name} {at} <= {ms:g} ms" for name, ms in spec["slo"].items()) or "none"
-    lines = [f"{spec['base_url']} model={spec['model']} prompts={spec['num_prompts']} in={spec['input_len']} "
-             f"out={spec['output_len']} ({spec['length_dist']}, shared prefix {spec['shared_prefix_len']}); SLO: {slo}",
+    lines = [f"{w['base_url']} model={w['model']} prompts={w['num_requests']} in={w['input_len']} "
+             f"out={w['output_len']} ({w['length_dist']}, shared prefix {w['shared_prefix_len']}); SLO: {slo}",
              f"{key:>12} {'tok/s':>8} {'req/s':>6} {'goodput':>8} {'attain':>7} {'TTFT ' + at:>10} "
              f"{'TPOT ' + at:>10} {'ITL ' + at:>9} {'E2EL ' + at:>10} {'failed':>6} meets"]
     ms = lambda p, name: f"{p[name + '_ms'][at]:.1f}" if p[name + "_ms"][at] is not None else "n/a"

@@ -62,9 +62,8 @@ def _bench_transport(args: argparse.Namespace) -> int:
 def _bench_serve(args: argparse.Namespace) -> int:
     from afdserve.bench.serve import ServeSpec, format_serve_result, run_serve_bench
 
-    spec = ServeSpec(args.base_url, args.served_model, args.num_requests, args.input_len, args.output_len,
-                     args.max_concurrency, args.request_rate, args.burstiness, args.vocab_size, args.bench_seed,
-                     args.length_dist, args.shared_prefix_len)
+    spec = _workload(args, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+                     burstiness=args.burstiness)
     result = run_serve_bench(spec)
     print(format_serve_result(result))
     _write_json(args.json, result)
@@ -75,10 +74,8 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     from afdserve.bench.sweep import SweepSpec, format_sweep_result, parse_goodput, run_sweep
 
     try:
-        spec = SweepSpec(args.base_url, args.model, args.num_prompts, args.input_len, args.output_len,
-                         args.vocab_size, args.bench_seed, args.length_dist, args.shared_prefix_len,
-                         tuple(args.concurrency or ()), tuple(args.request_rate or ()), args.search,
-                         args.search_max, parse_goodput(args.goodput or []), args.slo_percentile)
+        spec = SweepSpec(_workload(args), tuple(args.concurrency or ()), tuple(args.request_rate or ()),
+                         args.search, args.search_max, parse_goodput(args.goodput or []), args.slo_percentile)
     except ValueError as e:
         print(f"afdserve bench sweep: {e}", file=sys.stderr)
         return 2
@@ -105,6 +102,29 @@ def _bench_cost(args: argparse.Namespace) -> int:
     print(format_cost_result(result))
     _write_json(args.json, result)
     return 0
+
+
+def _add_workload_args(parser: argparse.ArgumentParser, model_flag: str, count_flag: str, count: int) -> None:
+    """The request flags `bench serve` and `bench sweep` share (bench/serve.ServeSpec)."""
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument(model_flag, dest="workload_model", default="smollm2",
+                        help="the `model` field sent with each request")
+    parser.add_argument(count_flag, dest="workload_count", type=int, default=count)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
+    parser.add_argument("--bench-seed", type=int, default=0)
+    parser.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
+                        help="per-request input and output lengths around --input-len / --output-len")
+    parser.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
+
+
+def _workload(args: argparse.Namespace, **load):
+    from afdserve.bench.serve import ServeSpec
+    return ServeSpec(base_url=args.base_url, model=args.workload_model, num_requests=args.workload_count,
+                     input_len=args.input_len, output_len=args.output_len, vocab_size=args.vocab_size,
+                     seed=args.bench_seed, length_dist=args.length_dist, shared_prefix_len=args.shared_prefix_len,
+                     **load)
 
 
 def _comma_list(kind):
@@ -212,33 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", default=None)
     tr.set_defaults(func=_bench_transport)
     sv = bench_sub.add_parser("serve", help="load an OpenAI-compatible server: Poisson arrivals, streaming")
-    sv.add_argument("--base-url", default="http://127.0.0.1:8000")
-    sv.add_argument("--served-model", default="smollm2", help="the `model` field sent with each request")
-    sv.add_argument("--num-requests", type=int, default=128)
-    sv.add_argument("--input-len", type=int, default=128)
-    sv.add_argument("--output-len", type=int, default=128)
+    _add_workload_args(sv, "--served-model", "--num-requests", 128)
     sv.add_argument("--max-concurrency", type=int, default=32)
     sv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
     sv.add_argument("--burstiness", type=float, default=1.0)
-    sv.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
-    sv.add_argument("--bench-seed", type=int, default=0)
-    sv.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
-                    help="per-request input and output lengths around --input-len / --output-len")
-    sv.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
     sv.add_argument("--json", default=None)
     sv.set_defaults(func=_bench_serve)
     sw = bench_sub.add_parser("sweep", help="throughput and goodput against latency SLOs over loads, any "
                                             "OpenAI-compatible server (bench/sweep.py)")
-    sw.add_argument("--base-url", default="http://127.0.0.1:8000")
-    sw.add_argument("--model", default="smollm2", help="the `model` field sent with each request")
-    sw.add_argument("--num-prompts", type=int, default=64, help="requests per load point")
-    sw.add_argument("--input-len", type=int, default=128)
-    sw.add_argument("--output-len", type=int, default=128)
-    sw.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
-    sw.add_argument("--bench-seed", type=int, default=0)
-    sw.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
-                    help="per-request input and output lengths around --input-len / --output-len")
-    sw.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
+    _add_workload_args(sw, "--model", "--num-prompts", 64)  # per load point
     loads = sw.add_mutually_exclusive_group(required=True)
     loads.add_argument("--concurrency", type=_comma_list(int), help="a grid, e.g. 1,4,16,32: requests in flight")
     loads.add_argument("--request-rate", type=_comma_list(float), help="a grid, e.g. 1,2,4: Poisson requests/s")

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from afdserve.bench.serve import RequestResult
+from afdserve.bench.serve import RequestResult, ServeSpec
 from afdserve.bench.sweep import SweepSpec, parse_goodput, run_sweep, summarize_point
 
 
@@ -86,8 +86,8 @@ def slowing_server():
 
 def test_search_finds_the_concurrency_where_the_tpot_slo_breaks(slowing_server):
     """TPOT at concurrency c is about 2 + 10c ms, so a 47 ms p90 SLO holds up to c = 4 and breaks at 5."""
-    spec = SweepSpec(base_url=slowing_server, model="fake", num_prompts=16, input_len=4, output_len=6,
-                     search="concurrency", search_max=16, slo={"tpot": 47.0}, slo_percentile=90)
+    workload = ServeSpec(base_url=slowing_server, model="fake", num_requests=16, input_len=4, output_len=6)
+    spec = SweepSpec(workload, search="concurrency", search_max=16, slo={"tpot": 47.0}, slo_percentile=90)
     result = run_sweep(spec)
     loads = [p["concurrency"] for p in result["points"]]
     assert loads == sorted(loads) and 1 in loads and 16 in loads
@@ -100,7 +100,7 @@ def test_search_finds_the_concurrency_where_the_tpot_slo_breaks(slowing_server):
 
 
 def test_workloads_draw_lengths_around_the_means_and_share_the_prefix():
-    from afdserve.bench.serve import ServeSpec, requests
+    from afdserve.bench.serve import requests
     fixed = requests(ServeSpec(num_requests=50, input_len=40, output_len=20))
     assert {(len(p), n) for p, n in fixed} == {(40, 20)}
     uniform = requests(ServeSpec(num_requests=400, input_len=40, output_len=20, length_dist="uniform",
