@@ -231,12 +231,12 @@ class CostSpec:
     prices: dict[str, float] = field(default_factory=dict)  # overrides and additions, USD per card-hour
 
 
-def priced_hardware(spec: CostSpec) -> list[Hardware]:
+def spec_hardware(spec: CostSpec) -> list[Hardware]:
+    """The spec's cards with its --price overrides; a card may still have no price."""
     unknown = sorted(set(spec.hardware) - HARDWARE.keys())
     if unknown:
         raise ValueError(f"unknown hardware {', '.join(unknown)}; the catalog has {', '.join(HARDWARE)}")
-    cards = [replace(HARDWARE[n], usd_per_hour=spec.prices.get(n, HARDWARE[n].usd_per_hour)) for n in spec.hardware]
-    return [hw for hw in cards if hw.usd_per_hour is not None]
+    return [replace(HARDWARE[n], usd_per_hour=spec.prices.get(n, HARDWARE[n].usd_per_hour)) for n in spec.hardware]
 
 
 def resolve_model(name: str) -> CostModel:
@@ -248,7 +248,8 @@ def resolve_model(name: str) -> CostModel:
 
 
 def run_cost(spec: CostSpec) -> dict:
-    cards = priced_hardware(spec)
+    all_cards = spec_hardware(spec)
+    cards = [hw for hw in all_cards if hw.usd_per_hour is not None]
     if not cards:
         raise ValueError("no priced hardware: give --price NAME=USD for H100, H200 or B200")
     models = [resolve_model(name) for name in spec.models]
@@ -264,8 +265,6 @@ def run_cost(spec: CostSpec) -> dict:
                          "usd_per_1m_afd_best": attn[best_attn] + ffn[best_ffn],
                          "afd_best_cards": {"attention": best_attn, "ffn": best_ffn}})
     step3 = CATALOG["Step-3"]
-    all_cards = [replace(HARDWARE[n], usd_per_hour=spec.prices.get(n, HARDWARE[n].usd_per_hour))
-                 for n in spec.hardware]
     return {"rows": rows,
             "min_moe_sparsity": {hw.name: min_moe_sparsity(step3, hw) for hw in all_cards},
             "b_moe_tokens": {hw.name: b_moe_tokens(step3, hw) for hw in all_cards},

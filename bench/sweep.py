@@ -87,12 +87,13 @@ def summarize_point(results: list[RequestResult], duration_s: float, slo: dict[s
     """One load point's throughput, goodput and latency distributions (milliseconds)."""
     done = [r for r in results if r.ok]
     per_request = [request_latencies_ms(r) for r in done]
+    good = sum(meets_every_slo(r, slo) for r in results)
     point = {
         "completed": len(done), "failed": len(results) - len(done),
         "output_tok_s": sum(r.output_tokens for r in done) / duration_s,
         "request_s": len(done) / duration_s,
-        "goodput_req_s": sum(meets_every_slo(r, slo) for r in results) / duration_s,
-        "slo_attainment": sum(meets_every_slo(r, slo) for r in results) / len(results),
+        "goodput_req_s": good / duration_s,
+        "slo_attainment": good / len(results),
         "duration_s": duration_s,
     }
     for name in SLO_METRICS:

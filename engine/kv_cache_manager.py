@@ -100,9 +100,8 @@ class KVCacheManager:
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.block_size) - len(blocks) - len(hit_blocks)
         evictable_hits = sum(1 for b in hit_blocks if b.ref_cnt == 0)
-        table = [b.block_id for b in blocks + hit_blocks]
-        if (num_needed > self.pool.num_free_blocks - evictable_hits or self.staircase and
-                not self.staircase.has_window_room(self.staircase.blocks_to_open(table, num_computed, num_new_tokens))):
+        if num_needed > self.pool.num_free_blocks - evictable_hits or not self._window_room(
+                blocks + hit_blocks, num_computed, num_new_tokens):
             if not blocks:
                 del self.req_blocks[request.request_id]
             return False
@@ -114,6 +113,13 @@ class KVCacheManager:
         if self.staircase and num_new_tokens > 0:
             self.staircase.schedule([b.block_id for b in blocks], num_computed, num_new_tokens)
         return True
+
+    def _window_room(self, blocks: list[KVBlock], start: int, num_tokens: int) -> bool:
+        """Whether the staircase's full-precision pool can take the blocks this chunk writes (True without one)."""
+        if self.staircase is None:
+            return True
+        table = [b.block_id for b in blocks]
+        return self.staircase.has_window_room(self.staircase.blocks_to_open(table, start, num_tokens))
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])

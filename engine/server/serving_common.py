@@ -53,8 +53,7 @@ class ServingContext:
         try:
             self.engine.engine.check_params(params)
         except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            raise APIError(str(e), 400, field) from None
+            raise from_value_error(e) from None
 
     def check_context_length(self, num_prompt_tokens: int, max_tokens: int | None, field: str,
                              output_field: str = "max_tokens") -> None:

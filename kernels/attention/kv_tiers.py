@@ -39,7 +39,7 @@ class KVStepPlan:
     """One step's moves, replayed by each layer before its first write; the step's tokens then go to stair 0 at
     slot_of[block] (the runner's slot_mapping)."""
     moves: list[Move]
-    stair_of: torch.Tensor  # [num_blocks] long, after this step's moves
+    stair_of: torch.Tensor  # [num_blocks] long, after this step's moves (the view's own, valid for this step)
     slot_of: torch.Tensor  # [num_blocks] long
 
 
@@ -150,4 +150,5 @@ class KVStairView:
             idx = torch.tensor(sorted({m[0] for m in stair_moves}))
             self.stair_of[idx] = torch.tensor([self.stair[b] for b in idx.tolist()])
             self.slot_of[idx] = torch.tensor([self.slot[b] for b in idx.tolist()])
-        return KVStepPlan(batches, self.stair_of.clone(), self.slot_of.clone())
+        # No copies: a step's gathers all run before the next step's replay updates these in place.
+        return KVStepPlan(batches, self.stair_of, self.slot_of)
