@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from afdserve.bench.serve import LENGTH_DISTS
 from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
@@ -82,6 +83,24 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(spec)
     print(format_sweep_result(result))
     _write_json(args.json, result)
+    if args.plot:
+        from afdserve.bench.plot import plot_sweeps
+        print(f"wrote {plot_sweeps({args.base_url: result}, args.plot)}")
+    return 0
+
+
+def _bench_plot(args: argparse.Namespace) -> int:
+    from afdserve.bench.plot import plot_sweeps
+
+    sweeps = {}
+    for item in args.sweeps:
+        label, sep, path = item.rpartition("=")
+        try:
+            sweeps[label if sep else Path(path).stem] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            print(f"afdserve bench plot: {path}: {e}", file=sys.stderr)
+            return 2
+    print(f"wrote {plot_sweeps(sweeps, args.out)}")
     return 0
 
 
@@ -251,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs as vLLM's: ttft:MS tpot:MS e2el:MS")
     sw.add_argument("--slo-percentile", type=float, default=90.0, help="a load meets the SLO at this percentile")
     sw.add_argument("--json", default=None)
+    sw.add_argument("--plot", default=None, metavar="FILE.png", help="throughput against TPOT, and the Pareto of "
+                                                                     "tok/s per user against tok/s (matplotlib)")
     sw.set_defaults(func=_bench_sweep)
+    pl = bench_sub.add_parser("plot", help="the plots of --plot over several `bench sweep --json` results")
+    pl.add_argument("sweeps", nargs="+", metavar="[LABEL=]RESULT.json")
+    pl.add_argument("--out", required=True, metavar="FILE.png")
+    pl.set_defaults(func=_bench_plot)
     from afdserve.bench.cost import CATALOG, HARDWARE  # plain data, no torch
     cost = bench_sub.add_parser("cost", help="Step-3's theoretical decoding cost per model, context and card "
                                              "(bench/cost.py)")

@@ -6,6 +6,7 @@ Its default, type and help (with any choices or metavar for the CLI, in the fiel
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,17 @@ def parse_staircase(text: str) -> list[tuple[float, int]]:
 class SchedulerConfig:
     max_num_seqs: int = option(256, "most requests running at once")
     max_num_batched_tokens: int = option(2048, "most tokens computed in one step (the chunked-prefill budget)")
+    tpot_slo_ms: float | None = option(None, "keep running requests' time per output token under this: a model of "
+                                             "step time, fitted from the engine's own steps, caps the batch and the "
+                                             "prefill chunk, and requests beyond it wait; default: no cap")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.tpot_slo_ms is not None and not (math.isfinite(self.tpot_slo_ms) and self.tpot_slo_ms > 0):
+            raise ValueError(f"tpot_slo_ms must be a positive number of milliseconds, got {self.tpot_slo_ms}")
 
 
 MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")  # cluster/moe_parallel.py
@@ -225,6 +231,9 @@ class EngineConfig:
         if on_gpu and self.parallel.enabled:
             raise ValueError(f"afd runs its workers on the CPU (the transports move host tensors); use device 'cpu' "
                              f"with afd, or drop afd to serve on {self.model.device}")
+        if self.scheduler.tpot_slo_ms is not None and self.parallel.num_attention_workers > 1:
+            raise ValueError(f"tpot_slo_ms caps one scheduler's batch; afd {self.parallel.afd} schedules "
+                             f"{self.parallel.num_attention_workers} attention ranks (use x = 1, or leave it out)")
         if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
                              f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")

@@ -1,13 +1,15 @@
 """EngineCore: the step loop — schedule, execute, update — over one scheduler, KV manager and executor."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from afdserve.engine.executor import Executor, WorkerFailedError
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.request import Request, RequestStatus
 from afdserve.engine.sampler import TokenLogprobs
-from afdserve.engine.scheduler import Scheduler, SchedulerStats
+from afdserve.engine.scheduler import Scheduler, SchedulerOutput, SchedulerStats
+from afdserve.engine.sla_control import TPOTController
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.dp_scheduler import DataParallelScheduler
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec
@@ -33,7 +35,10 @@ class EngineCore:
         num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
         self.kv_managers = [KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                            kv_spec) for _ in range(num_ranks)]
-        self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len) if num_ranks == 1 else
+        slo_ms = config.scheduler.tpot_slo_ms
+        self.sla = TPOTController(slo_ms / 1000) if slo_ms is not None else None  # config refuses it with x > 1
+        self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len, sla=self.sla)
+                          if num_ranks == 1 else
                           DataParallelScheduler(config.scheduler, self.kv_managers, max_model_len))
         self.executor = executor
         self.num_steps = 0
@@ -69,6 +74,7 @@ class EngineCore:
         return self.scheduler.stats()
 
     def step(self) -> list[EngineCoreOutput]:
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -80,6 +86,8 @@ class EngineCore:
         requests = [self.scheduler.requests[item.request_id] for item in sched.scheduled]  # before any finishes
         self.scheduler.update_from_output(sched.scheduled, result.sampled)
         self.num_steps += 1
+        if self.sla is not None:
+            self._observe_step(sched, time.perf_counter() - start)
         outputs = []
         for request, token, logprobs in zip(requests, result.sampled, result.logprobs):
             prompt_logprobs = result.prompt_logprobs.get(request.request_id)
@@ -95,6 +103,11 @@ class EngineCore:
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             ))
         return outputs
+
+    def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """Feeds the step-time model: one-token chunks are decode rows, the rest prompt tokens."""
+        decode_rows = sum(1 for item in sched.scheduled if item.num_tokens == 1)
+        self.sla.observe(decode_rows, sched.num_tokens - decode_rows, seconds)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -15,6 +15,7 @@ from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.kv_staircase import StairMove
 from afdserve.engine.request import Request, RequestStatus
 from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.sla_control import NO_LIMITS, SLAStats, TPOTController
 
 
 @dataclass
@@ -69,11 +70,14 @@ class SchedulerStats:
     num_preemptions: int
     prefix_queries: int
     prefix_hits: int
+    sla: SLAStats | None = None  # with a TPOT SLO (--tpot-slo-ms)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, rank: int = 0):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, rank: int = 0,
+                 sla: TPOTController | None = None):
         self.config = config
+        self.sla = sla
         self.kv = kv
         self.rank = rank
         self.max_model_len = max_model_len
@@ -94,23 +98,34 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # With a TPOT SLO, the step-time model caps the batch and the prompt tokens beside the decodes.
+        limits = self.sla.limits(self._num_decoding()) if self.sla is not None else NO_LIMITS
+        prefill_budget = limits.prefill_tokens if limits.prefill_tokens is not None else budget
         preemptions_before = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
+            if num_new == 0:  # a prefill the SLO has no room for this step: it keeps its blocks and goes on later
+                i += 1
+                continue
             if not self._allocate_or_preempt(request, num_new):
                 break  # the request itself was preempted: everything after it was too
             out.scheduled.append(self._grant(request, num_new))
             budget -= num_new
+            if remaining > 1:
+                prefill_budget -= num_new
             i += 1
         preempted = self.num_preemptions > preemptions_before
+        max_running = min(self.max_running, limits.max_seqs or self.max_running)
         # Admit waiting requests only when nothing was preempted this step, so a preempted request is not
         # immediately re-admitted and thrashed.
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and not preempted:
+        while (self.waiting and budget > 0 and prefill_budget > 0 and len(self.running) < max_running
+               and not preempted):
             request = self.waiting[0]
             prefix = self.kv.find_prefix(request)
-            num_new = min(request.num_tokens - prefix.num_tokens, budget)
+            num_new = min(request.num_tokens - prefix.num_tokens, budget, prefill_budget)
             if not self.kv.allocate_slots(request, num_new, prefix):
                 break
             self.waiting.popleft()
@@ -121,11 +136,18 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._grant(request, num_new))
             budget -= num_new
+            prefill_budget -= num_new
+        if self.sla is not None and self.waiting and budget > 0 and not preempted and (
+                prefill_budget <= 0 or self.max_running > len(self.running) >= max_running):
+            self.sla.note_held()
         out.finished_request_ids, self._finished_ids = self._finished_ids, set()
         moves = self.kv.take_stair_moves()
         if moves:
             out.kv_moves[self.rank] = moves
         return out
+
+    def _num_decoding(self) -> int:
+        return sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
 
     @property
     def max_running(self) -> int:
@@ -231,4 +253,5 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
-                              self.kv.prefix_queries, self.kv.prefix_hits)
+                              self.kv.prefix_queries, self.kv.prefix_hits,
+                              self.sla.stats() if self.sla is not None else None)

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from afdserve.engine.outputs import RequestOutput
 from afdserve.engine.scheduler import SchedulerStats
+from afdserve.engine.sla_control import SLAStats
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -139,6 +140,8 @@ class _EngineStatsCollector:
                      stats.prefix_hits)
         yield family(CounterMetricFamily, "num_preemptions", "Preemptions (recompute) so far.",
                      stats.num_preemptions)
+        if stats.sla is not None:
+            yield from self._sla_families(stats.sla, family)
         afd = self.stage_times()
         if afd is not None:
             for key, doc in (("attention", "AFD: attention-side compute per layer and step"),
@@ -157,3 +160,22 @@ class _EngineStatsCollector:
                 yield family(GaugeMetricFamily, f"afd_{side}_bubble_ratio",
                              f"AFD: fraction of the {side} workers' busy time spent waiting for the other side.",
                              afd[f"{side}_bubble"])
+
+    def _sla_families(self, sla: SLAStats, family):
+        """--tpot-slo-ms: the step-time model the scheduler's caps come from, and how often it held requests."""
+        yield family(GaugeMetricFamily, "sla_step_time_target_seconds",
+                     "TPOT SLO control: the step time aimed at (the SLO less headroom).", sla.target_s)
+        model = GaugeMetricFamily(PREFIX + "sla_step_time_model_seconds",
+                                  "TPOT SLO control: fitted step time = base + per_decode * decode rows + "
+                                  "per_prefill_token * prompt tokens (0 until fitted).",
+                                  labels=["model_name", "term"])
+        for term, value in (("base", sla.base_s), ("per_decode", sla.per_decode_s),
+                            ("per_prefill_token", sla.per_prefill_token_s)):
+            model.add_metric([self.model_name, term], value)
+        yield model
+        if sla.max_seqs is not None:
+            yield family(GaugeMetricFamily, "sla_max_num_seqs",
+                         "TPOT SLO control: the most running sequences whose step fits the target.", sla.max_seqs)
+        yield family(CounterMetricFamily, "sla_held_steps",
+                     "TPOT SLO control: steps in which waiting requests stayed waiting for room under the SLO.",
+                     sla.held_steps)

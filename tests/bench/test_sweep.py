@@ -2,6 +2,7 @@
 search against a fake OpenAI server whose per-token time grows with the requests in flight, so the load where the
 SLO breaks is known in advance."""
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -113,3 +114,29 @@ def test_workloads_draw_lengths_around_the_means_and_share_the_prefix():
     assert abs(np.median(lognormal) - 64) < 4 and 1 <= min(lognormal) and max(lognormal) <= 256
     with pytest.raises(ValueError, match="length_dist"):
         ServeSpec(length_dist="zipf")
+
+
+def sweep_result(points: list[tuple[int, float, float, float]]) -> dict:
+    """A run_sweep-shaped result from (concurrency, output tok/s, TPOT mean ms, TPOT p90 ms) per point."""
+    spec = dataclasses.asdict(SweepSpec(ServeSpec(), concurrency=(1,), slo={"tpot": 150.0}))
+    return {"spec": spec, "load": "concurrency", "max_under_slo": None, "points": [
+        {"concurrency": c, "output_tok_s": tok_s, "tpot_ms": {"mean": mean, "p50": mean, "p90": p90, "p99": p90}}
+        for c, tok_s, mean, p90 in points]}
+
+
+def test_plots_draw_throughput_against_the_slo_percentile_and_the_pareto(tmp_path):
+    pytest.importorskip("matplotlib")  # a test dependency; `afdserve bench plot` says how to install it
+    from afdserve.bench.plot import plot_sweeps, sweep_figure
+    sweeps = {"a": sweep_result([(1, 20.0, 50.0, 55.0), (4, 60.0, 66.7, 80.0), (16, 100.0, 160.0, 200.0)]),
+              "b": sweep_result([(1, 25.0, 40.0, 42.0), (8, 90.0, 88.9, 120.0)])}
+    fig = sweep_figure(sweeps)
+    left, right = fig.axes
+    for line, result in zip(left.lines, sweeps.values()):  # throughput against TPOT p90 (the SLO's percentile)
+        assert list(line.get_xdata()) == [p["tpot_ms"]["p90"] for p in result["points"]]
+        assert list(line.get_ydata()) == [p["output_tok_s"] for p in result["points"]]
+    assert [line.get_xdata()[0] for line in left.lines[2:]] == [150.0]  # the SLO line
+    for line, result in zip(right.lines, sweeps.values()):  # per user: 1000 / mean TPOT
+        assert list(line.get_xdata()) == [p["output_tok_s"] for p in result["points"]]
+        assert list(line.get_ydata()) == pytest.approx([1000 / p["tpot_ms"]["mean"] for p in result["points"]])
+    out = plot_sweeps(sweeps, tmp_path / "sweep.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

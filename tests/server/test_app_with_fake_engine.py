@@ -97,3 +97,20 @@ def test_metrics_expose_the_vllm_style_names(alive_client):
                  "prefix_cache_hits_total", "num_preemptions_total"):
         assert f"\nafdserve:{name}" in text, name
     assert 'afdserve:request_aborts_total{model_name="fake"} 1.0' in text
+
+
+def test_metrics_expose_the_tpot_slo_controller():
+    from afdserve.engine.sla_control import TPOTController
+    controller = TPOTController(0.1)
+    for rows in range(1, 10):
+        controller.observe(rows, 0, 0.01 + 0.005 * rows)
+    controller.limits(4)
+    controller.note_held()
+    engine = FakeEngine()
+    engine.stats = lambda: SchedulerStats(0, 3, 0.0, 0, 0, 0, controller.stats())
+    text = TestClient(build_app(engine, "fake")).get("/metrics").text
+    assert 'afdserve:sla_step_time_target_seconds{model_name="fake"} 0.085' in text
+    assert 'afdserve:sla_step_time_model_seconds{model_name="fake",term="per_decode"} 0.005' in text
+    assert 'afdserve:sla_max_num_seqs{model_name="fake"} 15.0' in text  # (85 - 10) / 5 rows
+    assert 'afdserve:sla_held_steps_total{model_name="fake"} 1.0' in text
+    assert "sla_" not in TestClient(build_app(FakeEngine(), "fake")).get("/metrics").text

@@ -1,0 +1,151 @@
+"""TPOT SLA control: hold the step time, which every running request sees as its TPOT, under an SLO.
+
+A step's wall time grows with the decode rows it computes and with the prompt tokens prefilled beside them.
+`StepTimeModel` fits
+
+    t = a + b * decode_rows + c * prefill_tokens
+
+by least squares over the engine's last steps (each timed from schedule to update), refitted after every step so it
+follows the host and the context lengths. `TPOTController` turns the fit into the scheduler's limits for the next
+step: the most sequences whose decode step fits the target, and the prompt tokens that fit beside the decodes
+running now. Requests beyond that wait in the queue (their TTFT grows) instead of every running request slowing
+down: the trade DistServe (Zhong et al., OSDI 2024) makes for goodput. The scheduler never preempts for the SLO; it
+stops admitting and shrinks prefill chunks, so a batch that is over the cap drains as its requests finish.
+
+Plain floats only: the scheduler that reads the limits holds no tensors.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+# The step time is what the engine measures; a client's TPOT also holds the output path (detokenize, stream).
+# Aim below the SLO by this factor so the client's percentile, not only the engine's mean, meets it.
+HEADROOM = 0.85
+MIN_STEPS = 8  # steps seen before the fit is trusted; until then the batch grows by one a step
+MIN_PREFILL_CHUNK = 16  # prompt tokens a step still takes under a tight SLO, so admitted prefills finish
+WINDOW = 256  # the steps a fit looks at: recent enough to follow the context growing
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """What the SLO allows the next step; None: no limit from the SLO."""
+    max_seqs: int | None = None
+    prefill_tokens: int | None = None
+
+
+NO_LIMITS = StepLimits()
+
+
+@dataclass(frozen=True)
+class SLAStats:
+    """The controller's state for /metrics."""
+    target_s: float
+    fitted: bool
+    base_s: float  # a
+    per_decode_s: float  # b
+    per_prefill_token_s: float  # c
+    max_seqs: int | None
+    held_steps: int  # steps in which waiting requests stayed waiting because the SLO had no room for them
+
+
+class StepTimeModel:
+    """Least squares of step time on (1, decode rows, prefill tokens) over the last WINDOW steps, with every
+    coefficient kept >= 0 (a negative slope would promise infinite room)."""
+
+    def __init__(self, window: int = WINDOW):
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self.coef = (0.0, 0.0, 0.0)
+
+    @property
+    def fitted(self) -> bool:
+        return len(self.samples) >= MIN_STEPS
+
+    def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        self.samples.append((decode_rows, prefill_tokens, seconds))
+        if self.fitted:
+            self.coef = _nonnegative_least_squares(self.samples)
+
+    def predict(self, decode_rows: int, prefill_tokens: int) -> float:
+        a, b, c = self.coef
+        return a + b * decode_rows + c * prefill_tokens
+
+
+def _nonnegative_least_squares(samples) -> tuple[float, float, float]:
+    """Solves the normal equations on the terms still free; a term whose coefficient comes out negative is fixed at
+    0 and the rest refitted (at most three rounds). A term that never varies (all decode steps carry no prefill)
+    is singular: it is dropped too, which predicts no cost for it until steps show one."""
+    rows = [(1.0, float(d), float(p)) for d, p, _ in samples]
+    times = [t for _, _, t in samples]
+    free = [0, 1, 2]
+    while free:
+        solution = _solve([[sum(r[i] * r[j] for r in rows) for j in free] for i in free],
+                          [sum(r[i] * t for r, t in zip(rows, times)) for i in free])
+        if solution is None:
+            free.pop()  # singular: drop the last term (prefill, then decode) and retry
+            continue
+        negative = [term for term, value in zip(free, solution) if value < 0]
+        if not negative:
+            coef = [0.0, 0.0, 0.0]
+            for term, value in zip(free, solution):
+                coef[term] = value
+            return coef[0], coef[1], coef[2]
+        free.remove(negative[-1])
+    return 0.0, 0.0, 0.0
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when the system is (nearly) singular."""
+    n = len(rhs)
+    m = [row[:] + [value] for row, value in zip(matrix, rhs)]
+    scale = max(abs(v) for row in matrix for v in row) or 1.0
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12 * scale:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            factor = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= factor * m[col][k]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+class TPOTController:
+    def __init__(self, tpot_slo_s: float, model: StepTimeModel | None = None):
+        self.tpot_slo_s = tpot_slo_s
+        self.target_s = tpot_slo_s * HEADROOM
+        self.model = model or StepTimeModel()
+        self.held_steps = 0
+        self._last_max_seqs: int | None = None
+
+    def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        self.model.observe(decode_rows, prefill_tokens, seconds)
+
+    def limits(self, num_decodes: int) -> StepLimits:
+        """Limits for a step whose running batch holds `num_decodes` sequences decoding."""
+        if not self.model.fitted:
+            # Start slow, one more sequence per step: the batch would otherwise fill before the model can cap it,
+            # and the steps of a growing batch are what the fit needs to tell a per-row cost from a fixed one.
+            return StepLimits(max_seqs=max(1, len(self.model.samples)))
+        a, b, c = self.model.coef
+        room = self.target_s - a
+        max_seqs = max(1, math.floor(room / b)) if b > 0 else None
+        prefill = None
+        if num_decodes == 0:
+            prefill = None  # nobody's TPOT is at stake: a prefill-only step costs only TTFT
+        elif c > 0:
+            prefill = max(MIN_PREFILL_CHUNK, math.floor((room - b * num_decodes) / c))
+        self._last_max_seqs = max_seqs
+        return StepLimits(max_seqs, prefill)
+
+    def note_held(self) -> None:
+        self.held_steps += 1
+
+    def stats(self) -> SLAStats:
+        a, b, c = self.model.coef
+        return SLAStats(self.target_s, self.model.fitted, a, b, c, self._last_max_seqs, self.held_steps)
