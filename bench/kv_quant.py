@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from afdserve.engine.config import EngineConfig
+from afdserve.engine.config import CACHE_DEFAULTS, EngineConfig
 from afdserve.engine.llm import LLM
 from afdserve.engine.model_runner import kv_cache_spec_for
 from afdserve.engine.sampling_params import SamplingParams
@@ -26,6 +26,8 @@ class KVQuantBenchSpec:
     kv_dtypes: tuple[str, ...] = ("auto", "fp8_e4m3", "int8", "int4", "saq")
     num_tokens: int = 2048
     chunk: int = 256
+    kv_window: int = CACHE_DEFAULTS["kv_window"]  # int4's row only
+    kv_staircase: str = CACHE_DEFAULTS["kv_staircase"]  # saq's row only
 
 
 def english_text() -> str:
@@ -44,8 +46,10 @@ def run_kv_quant_bench(config: EngineConfig, spec: KVQuantBenchSpec) -> list[dic
     rows = []
     token_ids = None
     for kv_dtype in spec.kv_dtypes:
+        own = dict(kv_window=spec.kv_window if kv_dtype == "int4" else CACHE_DEFAULTS["kv_window"],
+                   kv_staircase=spec.kv_staircase if kv_dtype == "saq" else CACHE_DEFAULTS["kv_staircase"])
         cfg = dataclasses.replace(
-            config, cache=dataclasses.replace(config.cache, kv_cache_dtype=kv_dtype, enable_prefix_caching=False),
+            config, cache=dataclasses.replace(config.cache, kv_cache_dtype=kv_dtype, enable_prefix_caching=False, **own),
             scheduler=dataclasses.replace(config.scheduler, max_num_batched_tokens=spec.chunk))
         with LLM(config=cfg) as llm:
             if token_ids is None:
@@ -65,8 +69,7 @@ def format_kv_quant_result(rows: list[dict], config: EngineConfig, spec: KVQuant
     for r in rows:
         lines.append(f"{r['kv_dtype']:<10} {r['perplexity']:>10.4f} {r['delta_pct']:>+7.2f}% "
                      f"{r['kv_bytes_per_token']:>15.0f} {r['pool_mib']:>18.1f}")
-    c = config.cache
     lines.append(f"{rows[0]['tokens']} tokens of pydoc_data.topics in prefill chunks of {spec.chunk}; block "
-                 f"{c.block_size}, int4 window {c.kv_window}, saq {c.kv_staircase}; window+stairs sized for "
-                 f"max_num_seqs={config.scheduler.max_num_seqs}")
+                 f"{config.cache.block_size}, int4 window {spec.kv_window}, saq {spec.kv_staircase}; "
+                 f"window+stairs sized for max_num_seqs={config.scheduler.max_num_seqs}")
     return "\n".join(lines)

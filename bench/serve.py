@@ -7,7 +7,12 @@ the server-reported output tokens; TPOT = (E2EL - TTFT) / (output tokens - 1).
 
 Workloads: every request `input_len` in / `output_len` out (`length_dist` fixed), or lengths drawn per request around
 them (uniform on [len/2, 3len/2]; lognormal with that median and sigma 0.5, clipped to [1, 4 len]); with
-`shared_prefix_len` every prompt starts with the same tokens (a system prompt: prefix caching's case).
+`shared_prefix_len` every prompt starts with the same tokens (a system prompt: prefix caching's case). With `turns` >
+1 the requests form chat conversations of that many turns, sent one after another (the next when the previous
+answer ends): turn k's prompt is the whole conversation so far, then `input_len` new tokens, so each turn re-sends
+a growing prefix (prefix caching's other case). The API streams text, not token ids, so the earlier answers in that
+history are stood in for by random ids of the answer's length; the concurrency and the arrivals then count
+conversations.
 """
 from __future__ import annotations
 
@@ -34,10 +39,18 @@ class ServeSpec:
     seed: int = 0
     length_dist: str = "fixed"  # fixed, uniform or lognormal (LENGTH_DISTS)
     shared_prefix_len: int = 0  # tokens every prompt starts with, before its own input_len
+    turns: int = 1  # requests per conversation; num_requests counts requests, a multiple of turns
 
     def __post_init__(self) -> None:
         if self.length_dist not in LENGTH_DISTS:
             raise ValueError(f"length_dist must be one of {', '.join(LENGTH_DISTS)}, got {self.length_dist!r}")
+        if self.turns < 1 or self.num_requests % self.turns:
+            raise ValueError(f"turns must be >= 1 and divide the number of requests ({self.num_requests}), "
+                             f"got {self.turns}")
+
+    @property
+    def num_conversations(self) -> int:
+        return self.num_requests // self.turns
 
 
 LENGTH_DISTS = ("fixed", "uniform", "lognormal")
@@ -62,22 +75,38 @@ def lengths(dist: str, mean: int, n: int, rng: np.random.Generator) -> list[int]
     return np.clip(np.round(rng.lognormal(np.log(mean), 0.5, n)), 1, 4 * mean).astype(int).tolist()
 
 
-def requests(spec: ServeSpec) -> list[tuple[list[int], int]]:
-    """(prompt token ids, max_tokens) per request. Ids well inside the vocabulary, above its special tokens."""
+def conversations(spec: ServeSpec) -> list[list[tuple[list[int], int]]]:
+    """Per conversation, its turns as (prompt token ids, max_tokens). Ids well inside the vocabulary, above its
+    special tokens. With one turn each, a conversation is one independent request."""
     rng = np.random.default_rng(spec.seed)
     ids = lambda n: rng.integers(100, spec.vocab_size - 100, n).tolist()
     prefix = ids(spec.shared_prefix_len)
     ins = lengths(spec.length_dist, spec.input_len, spec.num_requests, rng)
     outs = lengths(spec.length_dist, spec.output_len, spec.num_requests, rng)
-    return [(prefix + ids(n_in), n_out) for n_in, n_out in zip(ins, outs)]
+    chats = []
+    for c in range(spec.num_conversations):
+        history, turns = list(prefix), []
+        for n_in, n_out in zip(ins[c * spec.turns:(c + 1) * spec.turns], outs[c * spec.turns:(c + 1) * spec.turns]):
+            if turns:
+                history += ids(turns[-1][1])  # the previous answer's stand-in (see the module doc)
+            history += ids(n_in)
+            turns.append((list(history), n_out))
+        chats.append(turns)
+    return chats
+
+
+def requests(spec: ServeSpec) -> list[tuple[list[int], int]]:
+    """Every request of `conversations`, in conversation order."""
+    return [turn for chat in conversations(spec) for turn in chat]
 
 
 def _gaps(spec: ServeSpec) -> list[float]:
+    """Seconds before each conversation starts."""
     if spec.request_rate == float("inf"):
-        return [0.0] * spec.num_requests
+        return [0.0] * spec.num_conversations
     rng = np.random.default_rng(spec.seed + 1)
     theta = 1.0 / (spec.request_rate * spec.burstiness)
-    return rng.gamma(spec.burstiness, theta, spec.num_requests).tolist()
+    return rng.gamma(spec.burstiness, theta, spec.num_conversations).tolist()
 
 
 async def _one(client, spec: ServeSpec, prompt: list[int], max_tokens: int) -> RequestResult:
@@ -119,23 +148,24 @@ def request_tpot(r: RequestResult) -> float | None:
 
 
 async def run_requests(spec: ServeSpec) -> tuple[list[RequestResult], float]:
-    """Sends the spec's prompts as it says; returns each request's result and the run's duration in seconds."""
+    """Sends the spec's prompts as it says; returns each request's result, in conversation order, and the run's
+    duration in seconds."""
     import httpx
 
-    work, gaps = requests(spec), _gaps(spec)
+    chats, gaps = conversations(spec), _gaps(spec)
     limit = asyncio.Semaphore(spec.max_concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
             max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency)) as client:
-        async def limited(prompt, max_tokens):
+        async def converse(turns):
             async with limit:
-                return await _one(client, spec, prompt, max_tokens)
+                return [await _one(client, spec, prompt, max_tokens) for prompt, max_tokens in turns]
 
         start = time.perf_counter()
         tasks = []
-        for (prompt, max_tokens), gap in zip(work, gaps):
+        for turns, gap in zip(chats, gaps):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
-        results = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(converse(turns)))
+        results = [r for chat in await asyncio.gather(*tasks) for r in chat]
         return results, time.perf_counter() - start
 
 
@@ -167,7 +197,7 @@ def format_serve_result(r: dict) -> str:
                          f"p99 {r[name]['p99_ms']:.1f}") if r[name]["mean_ms"] is not None else f"{name}: n/a"
     return "\n".join([
         f"{s['base_url']} model={s['model']} requests={s['num_requests']} in={s['input_len']} out={s['output_len']} "
-        f"({s['length_dist']}, shared prefix {s['shared_prefix_len']}) "
+        f"({s['length_dist']}, shared prefix {s['shared_prefix_len']}, turns {s['turns']}) "
         f"max_concurrency={s['max_concurrency']} rate={s['request_rate']} burstiness={s['burstiness']}",
         f"completed {r['completed']}, failed {r['failed']}, {r['duration_s']:.1f} s, "
         f"output {r['output_tok_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s",

@@ -155,7 +155,8 @@ def format_sweep_result(result: dict) -> str:
     at = f"p{spec['slo_percentile']:g}"
     slo = ", ".join(f"{name} {at} <= {ms:g} ms" for name, ms in spec["slo"].items()) or "none"
     lines = [f"{w['base_url']} model={w['model']} prompts={w['num_requests']} in={w['input_len']} "
-             f"out={w['output_len']} ({w['length_dist']}, shared prefix {w['shared_prefix_len']}); SLO: {slo}",
+             f"out={w['output_len']} ({w['length_dist']}, shared prefix {w['shared_prefix_len']}, turns {w['turns']}); "
+             f"SLO: {slo}",
              f"{key:>12} {'tok/s':>8} {'req/s':>6} {'goodput':>8} {'attain':>7} {'TTFT ' + at:>10} "
              f"{'TPOT ' + at:>10} {'ITL ' + at:>9} {'E2EL ' + at:>10} {'failed':>6} meets"]
     ms = lambda p, name: f"{p[name + '_ms'][at]:.1f}" if p[name + "_ms"][at] is not None else "n/a"

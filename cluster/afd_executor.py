@@ -16,7 +16,9 @@ attention and FFN workers land on separate machines (README, "AFD across Ray nod
 Faults: while a step runs, the FFN workers are pinged every `HEALTH_CHECK_S` (their serving loop has its own
 thread, so a live one answers at once; an attention worker's death fails its step's future directly). A dead or
 failed worker makes the step raise WorkerFailedError after every worker has been replaced: the attention workers
-are replaced too, since they are blocked mid-step on the dead peer and their KV caches are now inconsistent.
+are replaced too, since they are blocked mid-step on the dead peer and their KV caches are now inconsistent. The
+scheduler then sends the step's requests again, to recompute their KV on the new workers
+(Scheduler.recover_from_worker_failure).
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ from afdserve.models.hf_config import TransformerConfig
 logger = logging.getLogger(__name__)
 HEALTH_CHECK_S = 1.0
 STAGE_TIMES_REFRESH_S = 1.0  # how often /metrics' AFD stage times are fetched from the workers
+
+
+class FFNServingStoppedError(RuntimeError):
+    """An FFN worker answers pings but its serving thread is gone: it will never finish the step."""
 
 
 def init_ray(address: str | None) -> None:
@@ -133,17 +139,28 @@ class AFDExecutor:
         return out
 
     def _wait_step(self, futures: list) -> list[ModelRunnerOutput]:
+        """The step's results; a lost worker or an exception in a worker's step restarts every worker (the other
+        side of the pipeline is left mid-layer, and only fresh workers resynchronize the data plane) and raises
+        WorkerFailedError with a short message for clients. The full error, Ray's traceback included, goes to the
+        log only: it names files, pids, addresses and actor ids."""
         try:
             while True:
                 ready, _ = ray.wait(futures, num_returns=len(futures), timeout=HEALTH_CHECK_S)
                 if len(ready) == len(futures):
                     return ray.get(futures)
                 if not all(ray.get([w.ping.remote() for w in self.ffn], timeout=30)):
-                    raise RuntimeError("an FFN worker's serving thread has stopped")
-        except Exception as e:  # a dead actor (RayActorError), a failed step (RayTaskError) or a hung FFN worker
+                    raise FFNServingStoppedError("an FFN worker's serving thread has stopped")
+        except ray.exceptions.RayTaskError as e:  # the worker is alive, its step raised: a bug, not a lost worker
+            logger.error("AFD worker step raised (restarting the workers):\n%s", e)
+            cause = type(getattr(e, "cause", None) or e).__name__
             self._replace_workers()
-            raise WorkerFailedError(f"an AFD worker failed during the step ({type(e).__name__}: {e}); the "
-                                    f"workers were restarted and the requests in flight were lost") from e
+            raise WorkerFailedError(f"AFD worker failed: its step raised {cause} (an internal error; the server log "
+                                    f"has the traceback); the workers were restarted") from e
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, FFNServingStoppedError) as e:
+            logger.error("AFD worker lost during a step (restarting the workers): %s", e)
+            self._replace_workers()
+            raise WorkerFailedError(f"AFD worker failed: a worker died or stopped answering ({type(e).__name__}); "
+                                    f"the workers were restarted") from e
 
     def _replace_workers(self) -> None:
         logger.error("AFD worker failure: replacing all %d workers", len(self.attention) + len(self.ffn))
@@ -170,8 +187,8 @@ class AFDExecutor:
                 try:
                     times = ray.get(pending)
                     self._latest_stage_times = summarize(times[0], times[len(self.attention)])
-                except ray.exceptions.RayError:  # a worker died: the step path replaces it; keep the last snapshot
-                    pass
+                except ray.exceptions.RayError as e:  # the step path replaces a dead worker; keep the last snapshot
+                    logger.warning("AFD stage times not fetched (%s); /metrics keeps the last ones", type(e).__name__)
                 pending = None
             if ask and pending is None and time.monotonic() - self._stage_times_asked > STAGE_TIMES_REFRESH_S:
                 self._stage_times_pending = [w.stage_times.remote() for w in [*self.attention, *self.ffn]]

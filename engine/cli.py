@@ -8,7 +8,7 @@ from pathlib import Path
 
 from afdserve.bench.serve import LENGTH_DISTS
 from afdserve.engine.arg_utils import add_engine_args, engine_config_from_args
-from afdserve.engine.config import QUANTIZATIONS
+from afdserve.engine.config import CACHE_DEFAULTS, QUANTIZATIONS
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -136,6 +136,8 @@ def _add_workload_args(parser: argparse.ArgumentParser, model_flag: str, count_f
     parser.add_argument("--length-dist", default="fixed", choices=LENGTH_DISTS,
                         help="per-request input and output lengths around --input-len / --output-len")
     parser.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
+    parser.add_argument("--turns", type=int, default=1, help="requests per chat conversation, each prompt the "
+                                                             "conversation so far plus --input-len new tokens")
 
 
 def _workload(args: argparse.Namespace, **load):
@@ -143,7 +145,7 @@ def _workload(args: argparse.Namespace, **load):
     return ServeSpec(base_url=args.base_url, model=args.workload_model, num_requests=args.workload_count,
                      input_len=args.input_len, output_len=args.output_len, vocab_size=args.vocab_size,
                      seed=args.bench_seed, length_dist=args.length_dist, shared_prefix_len=args.shared_prefix_len,
-                     **load)
+                     turns=args.turns, **load)
 
 
 def _comma_list(kind):
@@ -183,8 +185,10 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 def _bench_kv_quant(args: argparse.Namespace) -> int:
     from afdserve.bench.kv_quant import KVQuantBenchSpec, format_kv_quant_result, run_kv_quant_bench
 
+    # --kv-window / --kv-staircase are the int4 / saq rows' settings: the baseline's config must not carry them
+    spec = KVQuantBenchSpec(tuple(args.kv_dtypes), args.num_tokens, args.chunk, args.kv_window, args.kv_staircase)
+    args.kv_window, args.kv_staircase = CACHE_DEFAULTS["kv_window"], CACHE_DEFAULTS["kv_staircase"]
     config = engine_config_from_args(args)
-    spec = KVQuantBenchSpec(tuple(args.kv_dtypes), args.num_tokens, args.chunk)
     rows = run_kv_quant_bench(config, spec)
     print(format_kv_quant_result(rows, config, spec))
     _write_json(args.json, rows, config.model.device)

@@ -98,6 +98,11 @@ class CacheConfig:
         if self.kv_window < 0:
             raise ValueError(f"kv_window must be >= 0, got {self.kv_window}")
         parse_staircase(self.kv_staircase)
+        # A setting its format does not read is refused, not ignored (a value equal to the default can't be told).
+        for name, dtype in (("kv_window", "int4"), ("kv_staircase", "saq")):
+            if getattr(self, name) != CACHE_DEFAULTS[name] and self.kv_cache_dtype != dtype:
+                raise ValueError(f"{name}: set, but read only with kv_cache_dtype {dtype!r} (got "
+                                 f"{self.kv_cache_dtype!r}); set kv_cache_dtype {dtype} or leave {name} out")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
@@ -107,6 +112,9 @@ class CacheConfig:
     def stairs(self) -> list[tuple[float, int]]:
         """kv_staircase as [(age, bits), ...], checked in __post_init__."""
         return parse_staircase(self.kv_staircase)
+
+
+CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
 
 
 def parse_staircase(text: str) -> list[tuple[float, int]]:

@@ -57,8 +57,8 @@ class DataParallelScheduler:
         if rank is not None:
             rank.finish(request, status)
 
-    def fail_running(self) -> list[Request]:
-        return [r for rank in self.ranks for r in rank.fail_running()]
+    def recover_from_worker_failure(self) -> list[Request]:
+        return [r for rank in self.ranks for r in rank.recover_from_worker_failure()]
 
     def abort(self, request_ids: list[str]) -> list[Request]:
         return [r for rank in self.ranks for r in rank.abort(request_ids)]  # a rank skips ids it does not hold

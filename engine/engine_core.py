@@ -80,9 +80,9 @@ class EngineCore:
             return []
         try:
             result = self.executor.execute(sched)
-        except WorkerFailedError as e:
+        except WorkerFailedError as e:  # new workers are up: the step's requests run again on them, once
             return [EngineCoreOutput(r.request_id, finish_reason=r.status.finish_reason, error=str(e))
-                    for r in self.scheduler.fail_running()]
+                    for r in self.scheduler.recover_from_worker_failure()]
         requests = [self.scheduler.requests[item.request_id] for item in sched.scheduled]  # before any finishes
         self.scheduler.update_from_output(sched.scheduled, result.sampled)
         self.num_steps += 1

@@ -15,7 +15,8 @@ from afdserve.models.hf_config import TransformerConfig
 
 class WorkerFailedError(RuntimeError):
     """A worker died (or failed) during a step. The executor has already replaced its workers, but the KV caches
-    they held are gone: the requests with KV end with this error, and the engine goes on."""
+    they held are gone: the running requests recompute theirs on the new workers (a request in a second failed step
+    ends with this error instead), and the engine goes on."""
 
 
 class Executor(Protocol):

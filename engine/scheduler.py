@@ -73,6 +73,9 @@ class SchedulerStats:
     sla: SLAStats | None = None  # with a TPOT SLO (--tpot-slo-ms)
 
 
+MAX_WORKER_FAILURES = 1  # failed steps a request may be in and still be retried on new workers
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, rank: int = 0,
                  sla: TPOTController | None = None):
@@ -233,14 +236,22 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
 
-    def fail_running(self) -> list[Request]:
-        """Ends every request that holds KV with FINISHED_ERROR and forgets the prefix cache: the attention
-        worker that held their KV was replaced. Waiting requests hold none and stay queued."""
-        failed = list(self.running)
-        for request in failed:
-            self.finish(request, RequestStatus.FINISHED_ERROR)
+    def recover_from_worker_failure(self) -> list[Request]:
+        """After the workers holding the KV were replaced (AFD): every running request goes back to the waiting queue
+        to recompute its KV on the new workers, as after a preemption (its tokens so far are kept, so a stream goes
+        on where it was), and the prefix cache is forgotten. A request that was running at an earlier failure too
+        ends with FINISHED_ERROR instead, so a request that makes workers fail cannot restart them forever. Returns
+        those."""
+        failed = []
+        for request in reversed(list(self.running)):  # preempting puts each in front: the oldest ends up first
+            request.num_worker_failures += 1
+            if request.num_worker_failures > MAX_WORKER_FAILURES:
+                self.finish(request, RequestStatus.FINISHED_ERROR)
+                failed.append(request)
+            else:
+                self._preempt(request)
         self.kv.forget_all()
-        return failed
+        return failed[::-1]
 
     def abort(self, request_ids: list[str]) -> list[Request]:
         aborted = []

@@ -5,10 +5,10 @@ A step's wall time grows with the decode rows it computes and with the prompt to
 
     t = a + b * decode_rows + c * prefill_tokens
 
-by least squares over the engine's last steps (each timed from schedule to update), refitted after every step so it
-follows the host and the context lengths. `TPOTController` turns the fit into the scheduler's limits for the next
-step: the most sequences whose decode step fits the target, and the prompt tokens that fit beside the decodes
-running now. Requests beyond that wait in the queue (their TTFT grows) instead of every running request slowing
+by least squares over the step shapes the engine has run (each step timed from schedule to update; a moving
+average per shape), refitted after every step so it follows the host and the context lengths. `TPOTController` turns the fit into the scheduler's limits for the next
+step: the most sequences whose decode step, with the smallest prefill chunk beside it, fits the target, and the
+prompt tokens that fit beside the decodes running now. Requests beyond that wait in the queue (their TTFT grows) instead of every running request slowing
 down: the trade DistServe (Zhong et al., OSDI 2024) makes for goodput. The scheduler never preempts for the SLO; it
 stops admitting and shrinks prefill chunks, so a batch that is over the cap drains as its requests finish.
 
@@ -17,7 +17,7 @@ Plain floats only: the scheduler that reads the limits holds no tensors.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 # The step time is what the engine measures; a client's TPOT also holds the output path (detokenize, stream).
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 HEADROOM = 0.85
 MIN_STEPS = 8  # steps seen before the fit is trusted; until then the batch grows by one a step
 MIN_PREFILL_CHUNK = 16  # prompt tokens a step still takes under a tight SLO, so admitted prefills finish
-WINDOW = 256  # the steps a fit looks at: recent enough to follow the context growing
+PREFILL_BIN = 64  # prompt tokens per bin of a step shape (StepTimeModel)
+SMOOTHING = 0.2  # weight of a new step in its shape's moving average: follows the context growing, damps noise
+MAX_SHAPES = 512
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,38 @@ class SLAStats:
 
 
 class StepTimeModel:
-    """Least squares of step time on (1, decode rows, prefill tokens) over the last WINDOW steps, with every
-    coefficient kept >= 0 (a negative slope would promise infinite room)."""
+    """Least squares of step time on (1, decode rows, prefill tokens), every coefficient kept >= 0 (a negative slope
+    would promise endless room).
 
-    def __init__(self, window: int = WINDOW):
-        self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)
+    The points are not the last steps but one per step shape seen: (decode rows, prompt tokens in bins of
+    PREFILL_BIN), each a moving average of its steps' times. Under the cap the batch stays at a few sizes near it;
+    a window of recent steps then holds one batch size, which cannot tell a per-row cost from a fixed one (measured:
+    the intercept took the whole step and the cap fell to one sequence). Shapes seen earlier keep their point, so
+    the line stays anchored; the least recently seen are dropped beyond MAX_SHAPES."""
+
+    def __init__(self):
+        self.shapes: OrderedDict[tuple[int, int], list[float]] = OrderedDict()  # -> [mean prompt tokens, mean s]
+        self.num_steps = 0
         self.coef = (0.0, 0.0, 0.0)
 
     @property
     def fitted(self) -> bool:
-        return len(self.samples) >= MIN_STEPS
+        return self.num_steps >= MIN_STEPS and len(self.shapes) >= 3
 
     def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
-        self.samples.append((decode_rows, prefill_tokens, seconds))
+        self.num_steps += 1
+        key = (decode_rows, 0 if prefill_tokens == 0 else 1 + prefill_tokens // PREFILL_BIN)
+        point = self.shapes.get(key)
+        if point is None:
+            self.shapes[key] = [float(prefill_tokens), seconds]
+            if len(self.shapes) > MAX_SHAPES:
+                self.shapes.popitem(last=False)
+        else:
+            point[0] += SMOOTHING * (prefill_tokens - point[0])
+            point[1] += SMOOTHING * (seconds - point[1])
+            self.shapes.move_to_end(key)
         if self.fitted:
-            self.coef = _nonnegative_least_squares(self.samples)
+            self.coef = _nonnegative_least_squares([(d, p, t) for (d, _), (p, t) in self.shapes.items()])
 
     def predict(self, decode_rows: int, prefill_tokens: int) -> float:
         a, b, c = self.coef
@@ -131,10 +150,11 @@ class TPOTController:
         if not self.model.fitted:
             # Start slow, one more sequence per step: the batch would otherwise fill before the model can cap it,
             # and the steps of a growing batch are what the fit needs to tell a per-row cost from a fixed one.
-            return StepLimits(max_seqs=max(1, len(self.model.samples)))
+            return StepLimits(max_seqs=max(1, self.model.num_steps))
         a, b, c = self.model.coef
         room = self.target_s - a
-        max_seqs = max(1, math.floor(room / b)) if b > 0 else None
+        # The cap leaves room for the smallest prefill chunk beside a full batch, so admitting keeps the SLO too.
+        max_seqs = max(1, math.floor((room - c * MIN_PREFILL_CHUNK) / b)) if b > 0 else None
         prefill = None
         if num_decodes == 0:
             prefill = None  # nobody's TPOT is at stake: a prefill-only step costs only TTFT

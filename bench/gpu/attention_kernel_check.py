@@ -6,6 +6,7 @@ for correctness, then their bandwidth at the project's target decode shape (docs
 
 1. tests/kernels/test_triton_attention.py under pytest, compiled on the GPU (--noconftest: tests/conftest.py imports
    gguf, which the GPU image lacks; this file needs nothing from it, and its engine test skips itself on CUDA).
+   The result records the passed / failed / skipped counts (`kernel_tests`, null with --skip-tests).
 2. Agreement with the torch backend at sizes the tests cannot reach under the interpreter, on the GPU, bf16:
    decode at batch 8 x 8K (GQA 4, 8), batch 2 x 32K (the split heuristic picks several splits), prefill chunks
    of 512 after a 3.5K prefix. Max |triton - torch| must stay within 2e-2 (outputs are O(0.1)).
@@ -26,9 +27,11 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
@@ -51,11 +54,30 @@ SWEEP = [(64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False), (256, 4, 3, 
          (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (256, 4, 3, True)]  # keys loaded d-major
 
 
-def run_kernel_tests() -> bool:
-    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
-           "tests/kernels/test_triton_attention.py"]
-    print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=REPO).returncode == 0
+def run_kernel_tests() -> dict:
+    """Runs the Triton attention tests compiled; their outcome counts, from pytest's JUnit report (an exit code of 0
+    also means "every test skipped", which is no evidence that a kernel works)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "--noconftest", "-p", "no:cacheprovider",
+               f"--junitxml={report}", "tests/kernels/test_triton_attention.py"]
+        print("$", " ".join(cmd), flush=True)
+        returncode = subprocess.run(cmd, cwd=REPO).returncode
+        return kernel_test_counts(report.read_text() if report.exists() else "", returncode)
+
+
+def kernel_test_counts(junit_xml: str, returncode: int) -> dict:
+    """{"passed", "failed", "skipped", "ok"} from a JUnit report; ok only when some test ran and none failed."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    if junit_xml:
+        for suite in ElementTree.fromstring(junit_xml).iter("testsuite"):
+            total, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+            failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+            counts["passed"] += total - skipped - failed
+            counts["failed"] += failed
+            counts["skipped"] += skipped
+    counts["ok"] = returncode == 0 and counts["passed"] > 0 and counts["failed"] == 0
+    return counts
 
 
 def _agree(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 2e-2) -> bool:
@@ -141,7 +163,8 @@ def main(argv=None) -> int:
     print(name, "torch", torch.__version__, "triton", triton.__version__, flush=True)
     start = time.perf_counter()
     device = torch.device("cuda")
-    tests_ok = args.skip_tests or run_kernel_tests()
+    kernel_tests = None if args.skip_tests else run_kernel_tests()  # None: not run (--skip-tests)
+    tests_ok = kernel_tests is None or kernel_tests["ok"]
     large_ok = all([check_decode(spec, g, device) for spec, g in DECODE_CHECKS + QUANT_DECODE_CHECKS]
                    + [check_prefill(spec, g, device) for spec, g in PREFILL_CHECKS + QUANT_PREFILL_CHECKS])
     print(f"correctness done after {time.perf_counter() - start:.0f} s", flush=True)
@@ -165,7 +188,7 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, tests_ok=tests_ok,
+            json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, kernel_tests=kernel_tests,
                            large_shapes_ok=large_ok, peak=target["peak"], target=target, quantized=quantized,
                            compare=compare,
                            sweep=sweep), f, indent=1)

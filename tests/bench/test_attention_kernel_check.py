@@ -53,3 +53,18 @@ def test_sweep_times_every_config():
     rows = check.sweep_decode(replace(TINY, kv_dtype="fp8_e4m3"), configs, torch.device("cpu"), peak_gbps=None)
     assert [(r["group"], r["config"]) for r in rows] == [(3, [16, 16, 4, 1, False]), (3, [16, 32, 4, 1, True])]
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+
+
+def junit(tests: int, skipped: int = 0, failures: int = 0, errors: int = 0) -> str:
+    return (f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="{tests}" '
+            f'skipped="{skipped}" failures="{failures}" errors="{errors}"></testsuite></testsuites>')
+
+
+def test_kernel_tests_count_as_passed_only_when_some_ran_and_none_failed():
+    assert check.kernel_test_counts(junit(12, skipped=1), 0) == {"passed": 11, "failed": 0, "skipped": 1, "ok": True}
+    # pytest exits 0 when every test skipped: that is no evidence (issue 19, item 14)
+    assert check.kernel_test_counts(junit(12, skipped=12), 0)["ok"] is False
+    assert check.kernel_test_counts(junit(15, skipped=2, failures=1), 1) == {"passed": 12, "failed": 1, "skipped": 2,
+                                                                           "ok": False}
+    assert check.kernel_test_counts(junit(3, errors=3), 2)["ok"] is False
+    assert check.kernel_test_counts("", 4)["ok"] is False  # pytest did not even write its report

@@ -15,8 +15,8 @@ def perplexities(smollm2_dir, spec: KVQuantBenchSpec, **cache) -> dict[str, floa
 
 def test_int8_and_int4_perplexity_close_to_full_precision(smollm2_dir):
     """CI size: 512 tokens in chunks of 128, an int4 window of 32 tokens so that most of the KV is 4-bit."""
-    ppl = perplexities(smollm2_dir, KVQuantBenchSpec(("auto", "int8", "int4"), num_tokens=512, chunk=128),
-                       kv_window=32)
+    ppl = perplexities(smollm2_dir, KVQuantBenchSpec(("auto", "int8", "int4"), num_tokens=512, chunk=128,
+                                                     kv_window=32))
     full = ppl["auto"]
     assert abs(ppl["int8"] / full - 1) < 0.005
     assert ppl["int4"] != full and abs(ppl["int4"] / full - 1) < 0.05
@@ -24,8 +24,8 @@ def test_int8_and_int4_perplexity_close_to_full_precision(smollm2_dir):
 
 @pytest.mark.slow
 def test_every_kv_dtype_perplexity_on_2048_tokens(smollm2_dir):
-    ppl = perplexities(smollm2_dir, KVQuantBenchSpec(num_tokens=2048, chunk=256),
-                       kv_staircase="128:16,1024:8,4096:4,inf:2")
+    ppl = perplexities(smollm2_dir, KVQuantBenchSpec(num_tokens=2048, chunk=256,
+                                                     kv_staircase="128:16,1024:8,4096:4,inf:2"))
     full = ppl["auto"]
     delta = {k: v / full - 1 for k, v in ppl.items()}
     assert abs(delta["int8"]) < 0.005

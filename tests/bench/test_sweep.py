@@ -46,6 +46,7 @@ def test_goodput_flags_take_vllms_syntax_and_refuse_the_rest():
 
 
 BASE_S, PER_ACTIVE_S = 0.002, 0.010  # the fake server's time per token: 2 ms + 10 ms per request in flight
+EVENTS: list[tuple[str, tuple[int, ...]]] = []  # ("start" | "end", prompt) per request, in the server's order
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def slowing_server():
     async def completions(body: dict):
         async def stream():
             in_flight[0] += 1
+            EVENTS.append(("start", tuple(body["prompt"])))
             try:
                 for _ in range(body["max_tokens"]):
                     await asyncio.sleep(BASE_S + PER_ACTIVE_S * in_flight[0])
@@ -69,6 +71,7 @@ def slowing_server():
                 yield "data: [DONE]\n\n"
             finally:
                 in_flight[0] -= 1
+                EVENTS.append(("end", tuple(body["prompt"])))
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     with socket.socket() as s:
@@ -116,6 +119,37 @@ def test_workloads_draw_lengths_around_the_means_and_share_the_prefix():
         ServeSpec(length_dist="zipf")
 
 
+def test_multi_turn_conversations_resend_their_history_one_turn_at_a_time(slowing_server):
+    from afdserve.bench.serve import conversations, run_requests
+    spec = ServeSpec(base_url=slowing_server, model="fake", num_requests=12, input_len=5, output_len=3, turns=3,
+                     shared_prefix_len=2, max_concurrency=2)
+    chats = conversations(spec)
+    assert len(chats) == 4 and all(len(turns) == 3 for turns in chats)
+    for turns in chats:  # each prompt: the previous one, the answer's stand-in (3 ids), then 5 new tokens
+        for (before, answer), (after, _) in zip(turns, turns[1:]):
+            assert after[:len(before)] == before and len(after) == len(before) + answer + 5
+    assert len({tuple(turns[0][0][:2]) for turns in chats}) == 1  # the shared prefix
+    EVENTS.clear()
+    results, _ = asyncio.run(run_requests(spec))
+    assert [r.output_tokens for r in results] == [3] * 12
+    turn_of = {tuple(prompt): (c, k) for c, turns in enumerate(chats) for k, (prompt, _) in enumerate(turns)}
+    for c, turns in enumerate(chats):  # turn k + 1 starts after turn k ended
+        for k in range(2):
+            ended = EVENTS.index(("end", tuple(turns[k][0])))
+            assert EVENTS.index(("start", tuple(turns[k + 1][0]))) > ended
+    live, peak = set(), 0  # at most max_concurrency conversations in flight
+    for kind, prompt in EVENTS:
+        c, k = turn_of[prompt]
+        if kind == "start":
+            live.add(c)
+        elif k == 2:
+            live.discard(c)
+        peak = max(peak, len(live))
+    assert peak == 2
+    with pytest.raises(ValueError, match="turns"):
+        ServeSpec(num_requests=10, turns=3)
+
+
 def sweep_result(points: list[tuple[int, float, float, float]]) -> dict:
     """A run_sweep-shaped result from (concurrency, output tok/s, TPOT mean ms, TPOT p90 ms) per point."""
     spec = dataclasses.asdict(SweepSpec(ServeSpec(), concurrency=(1,), slo={"tpot": 150.0}))
@@ -125,7 +159,6 @@ def sweep_result(points: list[tuple[int, float, float, float]]) -> dict:
 
 
 def test_plots_draw_throughput_against_the_slo_percentile_and_the_pareto(tmp_path):
-    pytest.importorskip("matplotlib")  # a test dependency; `afdserve bench plot` says how to install it
     from afdserve.bench.plot import plot_sweeps, sweep_figure
     sweeps = {"a": sweep_result([(1, 20.0, 50.0, 55.0), (4, 60.0, 66.7, 80.0), (16, 100.0, 160.0, 200.0)]),
               "b": sweep_result([(1, 25.0, 40.0, 42.0), (8, 90.0, 88.9, 120.0)])}

@@ -27,13 +27,13 @@ AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-
 # One value off the default for every flag, as a command line and as LLM / engine_config keywords.
 ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--seed", "7", "--block-size", "32",
         "--kv-cache-memory-gb", "0.5", "--num-kv-blocks", "64", "--no-enable-prefix-caching",
-        "--kv-cache-dtype", "int4", "--kv-window", "64", "--kv-staircase", "32:16,64:4,inf:2", "--max-num-seqs", "8",
+        "--kv-cache-dtype", "int4", "--kv-window", "64", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models", "--attention-backend", "torch",
         "--device", "cpu", "--quantization", "int8", "--afd", "1A2F", "--micro-batches", "3", "--ray-address", "auto",
         "--afd-transport", "shm", "--moe-parallel", "ep", "--threads-per-worker", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
-              kv_staircase="32:16,64:4,inf:2", max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
+              max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
               cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="1A2F",
               micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
 
@@ -68,13 +68,32 @@ def test_every_flag_is_there_with_its_default_in_its_group():
 
 
 def test_a_command_line_gives_the_config_its_keywords_give():
-    assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in {**ENGINE_FLAGS, **AFD_FLAGS}.items())
+    # --kv-staircase is saq's, --kv-window int4's: one config cannot set both (the saq case is below)
+    off_default = {**ENGINE_FLAGS, **AFD_FLAGS}
+    del off_default["--kv-staircase"]
+    assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in off_default.items())
     from_cli = engine_config_from_args(engine_parser().parse_args(ARGV))
     assert from_cli == engine_config(**KWARGS)
     assert (from_cli.parallel.afd_transport, from_cli.cache.enable_prefix_caching, from_cli.model.cache_dir,
             from_cli.scheduler.max_num_batched_tokens) == ("shm", False, Path("/tmp/models"), 256)
     assert (from_cli.parallel.num_attention_workers, from_cli.parallel.num_ffn_workers) == (1, 2)
-    assert from_cli.cache.stairs == [(32, 16), (64, 4), (float("inf"), 2)]
+    saq = engine_config_from_args(engine_parser().parse_args(["--kv-cache-dtype", "saq", "--kv-staircase",
+                                                              "32:16,64:4,inf:2"]))
+    assert saq == engine_config(kv_cache_dtype="saq", kv_staircase="32:16,64:4,inf:2")
+    assert saq.cache.stairs == [(32, 16), (64, 4), (float("inf"), 2)]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(kv_window=64), "kv_window: set, but read only with kv_cache_dtype 'int4' (got 'auto')"),
+    (dict(kv_cache_dtype="saq", kv_window=64), "kv_window: set, but read only with kv_cache_dtype 'int4'"),
+    (dict(kv_cache_dtype="int4", kv_staircase="32:16,inf:4"), "kv_staircase: set, but read only with kv_cache_dtype "
+                                                              "'saq' (got 'int4')"),
+    (dict(kv_cache_dtype="int8", kv_staircase="32:16,inf:4"), "kv_staircase: set"),
+])
+def test_a_kv_setting_its_format_does_not_read_is_refused(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        engine_config(**kwargs)
+    assert words in str(info.value)
 
 
 def test_model_stays_the_one_positional_argument():

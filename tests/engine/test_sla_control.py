@@ -31,13 +31,28 @@ def test_fit_matches_least_squares_on_mixed_steps():
     rng = random.Random(0)
     model = StepTimeModel()
     samples = []
-    for _ in range(40):
-        d, p = rng.randint(0, 32), rng.choice([0, 0, 16, 64, 200])
+    for d in rng.sample(range(40), 40):  # one step per shape: the shapes' points are the steps themselves
+        p = rng.choice([0, 0, 16, 64, 200])
         t = 0.004 + 0.0015 * d + 0.00007 * p + rng.gauss(0, 0.0003)
         samples.append((d, p, t))
         model.observe(d, p, t)
     assert model.coef == pytest.approx(tuple(lstsq(samples, [0, 1, 2])), rel=1e-6, abs=1e-12)
     assert model.coef == pytest.approx((0.004, 0.0015, 0.00007), rel=0.15)
+
+
+def test_a_batch_held_at_the_cap_keeps_its_fit():
+    """Long after the slow start, with every step at nearly one batch size, the shapes seen on the way up still
+    anchor the line."""
+    rng = random.Random(1)
+    model = StepTimeModel()
+    step = lambda d, p: 0.020 + 0.004 * d + 0.0001 * p + rng.gauss(0, 0.002)
+    for d in range(1, 13):  # the slow start: one more sequence a step, each admitted with its prompt
+        model.observe(d - 1, 128, step(d - 1, 128))
+        model.observe(d, 0, step(d, 0))
+    for _ in range(2000):  # then the batch sits at 11-12 for a long time
+        d = rng.choice([11, 12])
+        model.observe(d, 0, step(d, 0))
+    assert model.coef == pytest.approx((0.020, 0.004, 0.0001), rel=0.25)
 
 
 def test_decode_only_steps_fit_without_a_prefill_term():
@@ -81,11 +96,12 @@ def test_limits_follow_the_fitted_model():
     ctl = fitted_controller(0.1, a=0.010, b=0.0048, c=0.00011)  # limits away from integers: rounding can't flip them
     target = 0.1 * HEADROOM
     limits = ctl.limits(num_decodes=10)
-    # (target - a) / b rows and (target - a - 10 b) / c tokens: the predicted steps at the limits meet the target,
-    # one more row or token would not
-    assert limits.max_seqs == math.floor((target - 0.010) / 0.0048)
+    # (target - a - c MIN_PREFILL_CHUNK) / b rows and (target - a - 10 b) / c tokens: the predicted steps at the
+    # limits meet the target, one more row or token would not
+    assert limits.max_seqs == math.floor((target - 0.010 - 0.00011 * MIN_PREFILL_CHUNK) / 0.0048)
     assert limits.prefill_tokens == math.floor((target - 0.010 - 0.0048 * 10) / 0.00011)
-    assert ctl.model.predict(limits.max_seqs, 0) <= target < ctl.model.predict(limits.max_seqs + 1, 0)
+    full = ctl.model.predict  # a full batch with the smallest prefill chunk beside it
+    assert full(limits.max_seqs, MIN_PREFILL_CHUNK) <= target < full(limits.max_seqs + 1, MIN_PREFILL_CHUNK)
     assert ctl.model.predict(10, limits.prefill_tokens) <= target < ctl.model.predict(10, limits.prefill_tokens + 1)
     # a batch over the cap still gets a small prefill chunk, and an empty one no prefill limit
     assert ctl.limits(num_decodes=limits.max_seqs + 1).prefill_tokens == MIN_PREFILL_CHUNK
@@ -95,7 +111,7 @@ def test_limits_follow_the_fitted_model():
 
 
 def test_scheduler_under_limits_caps_the_batch_and_loses_nothing():
-    ctl = fitted_controller(0.1, a=0.010, b=0.005, c=0.0001)  # 15 sequences; prefill room 750 - 50 * decodes
+    ctl = fitted_controller(0.1, a=0.010, b=0.005, c=0.0001)  # 14 sequences; prefill room 750 - 50 * decodes
     cap = ctl.limits(0).max_seqs
     sched = Scheduler(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
                       KVCacheManager(512, BS, True), max_model_len=1000, sla=ctl)
