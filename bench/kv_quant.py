@@ -48,8 +48,9 @@ def run_kv_quant_bench(config: EngineConfig, spec: KVQuantBenchSpec) -> list[dic
     for kv_dtype in spec.kv_dtypes:
         own = dict(kv_window=spec.kv_window if kv_dtype == "int4" else CACHE_DEFAULTS["kv_window"],
                    kv_staircase=spec.kv_staircase if kv_dtype == "saq" else CACHE_DEFAULTS["kv_staircase"])
+        cache = dataclasses.replace(config.cache, kv_cache_dtype=kv_dtype, enable_prefix_caching=False, **own)
         cfg = dataclasses.replace(
-            config, cache=dataclasses.replace(config.cache, kv_cache_dtype=kv_dtype, enable_prefix_caching=False, **own),
+            config, cache=cache,
             scheduler=dataclasses.replace(config.scheduler, max_num_batched_tokens=spec.chunk))
         with LLM(config=cfg) as llm:
             if token_ids is None:

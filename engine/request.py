@@ -55,7 +55,7 @@ class Request:
         self.num_sent_blocks = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 until then
         self.num_preemptions = 0
-        self.num_worker_failures = 0  # steps it was in when an AFD worker failed (engine/scheduler.py)
+        self.num_worker_failures = 0  # AFD worker failures it was running at (Scheduler.recover_from_worker_failure)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
 

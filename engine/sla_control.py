@@ -6,10 +6,11 @@ A step's wall time grows with the decode rows it computes and with the prompt to
     t = a + b * decode_rows + c * prefill_tokens
 
 by least squares over the step shapes the engine has run (each step timed from schedule to update; a moving
-average per shape), refitted after every step so it follows the host and the context lengths. `TPOTController` turns the fit into the scheduler's limits for the next
-step: the most sequences whose decode step, with the smallest prefill chunk beside it, fits the target, and the
-prompt tokens that fit beside the decodes running now. Requests beyond that wait in the queue (their TTFT grows) instead of every running request slowing
-down: the trade DistServe (Zhong et al., OSDI 2024) makes for goodput. The scheduler never preempts for the SLO; it
+average per shape), refitted after every step so it follows the host and the context lengths. `TPOTController`
+turns the fit into the scheduler's limits for the next step: the most sequences whose decode step, with the
+smallest prefill chunk beside it, fits the target, and the prompt tokens that fit beside the decodes running now.
+Requests beyond that wait in the queue (their TTFT grows) instead of every running request slowing down: the trade
+DistServe (Zhong et al., OSDI 2024) makes for goodput. The scheduler never preempts for the SLO; it
 stops admitting and shrinks prefill chunks, so a batch that is over the cap drains as its requests finish.
 
 Plain floats only: the scheduler that reads the limits holds no tensors.

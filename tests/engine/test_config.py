@@ -18,8 +18,8 @@ ENGINE_FLAGS = {
     "--model": "smollm2", "--dtype": "auto", "--max-model-len": None, "--seed": 0, "--block-size": 16,
     "--kv-cache-memory-gb": 1.0, "--num-kv-blocks": None, "--enable-prefix-caching": True,
     "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,256:8,384:4,inf:2",
-    "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None, "--attention-backend": "auto",
-    "--device": "auto", "--quantization": None,
+    "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None,
+    "--attention-backend": "auto", "--device": "auto", "--quantization": None,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
              "--moe-parallel": "adaptive", "--threads-per-worker": None}
@@ -28,9 +28,10 @@ AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-
 ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--seed", "7", "--block-size", "32",
         "--kv-cache-memory-gb", "0.5", "--num-kv-blocks", "64", "--no-enable-prefix-caching",
         "--kv-cache-dtype", "int4", "--kv-window", "64", "--max-num-seqs", "8",
-        "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models", "--attention-backend", "torch",
-        "--device", "cpu", "--quantization", "int8", "--afd", "1A2F", "--micro-batches", "3", "--ray-address", "auto",
-        "--afd-transport", "shm", "--moe-parallel", "ep", "--threads-per-worker", "2"]
+        "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models",
+        "--attention-backend", "torch", "--device", "cpu", "--quantization", "int8", "--afd", "1A2F",
+        "--micro-batches", "3", "--ray-address", "auto", "--afd-transport", "shm", "--moe-parallel", "ep",
+        "--threads-per-worker", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
