@@ -55,8 +55,8 @@ def sweep_figure(sweeps: dict[str, dict], plt=None):
                           textcoords="offset points", xytext=(3, 3), color=line.get_color())
         if "tpot" in spec["slo"]:
             slo_lines.add((spec["slo"]["tpot"], at))
-        total, per_user = zip(*pareto_points(result)) if pareto_points(result) else ((), ())
-        right.plot(total, per_user, "o-", label=label, color=line.get_color())
+        pareto = pareto_points(result)
+        right.plot([t for t, _ in pareto], [u for _, u in pareto], "o-", label=label, color=line.get_color())
     for ms, at in sorted(slo_lines):
         left.axvline(ms, color="grey", linestyle="--", linewidth=1)
         left.annotate(f"SLO: TPOT {at} {ms:g} ms", (ms, 0), xycoords=("data", "axes fraction"), fontsize=8,

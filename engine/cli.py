@@ -61,7 +61,7 @@ def _bench_transport(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from afdserve.bench.serve import ServeSpec, format_serve_result, run_serve_bench
+    from afdserve.bench.serve import format_serve_result, run_serve_bench
 
     spec = _workload(args, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
                      burstiness=args.burstiness)

@@ -45,7 +45,6 @@ NO_LIMITS = StepLimits()
 class SLAStats:
     """The controller's state for /metrics."""
     target_s: float
-    fitted: bool
     base_s: float  # a
     per_decode_s: float  # b
     per_prefill_token_s: float  # c
@@ -136,10 +135,9 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
 
 
 class TPOTController:
-    def __init__(self, tpot_slo_s: float, model: StepTimeModel | None = None):
-        self.tpot_slo_s = tpot_slo_s
+    def __init__(self, tpot_slo_s: float):
         self.target_s = tpot_slo_s * HEADROOM
-        self.model = model or StepTimeModel()
+        self.model = StepTimeModel()
         self.held_steps = 0
         self._last_max_seqs: int | None = None
 
@@ -156,10 +154,8 @@ class TPOTController:
         room = self.target_s - a
         # The cap leaves room for the smallest prefill chunk beside a full batch, so admitting keeps the SLO too.
         max_seqs = max(1, math.floor((room - c * MIN_PREFILL_CHUNK) / b)) if b > 0 else None
-        prefill = None
-        if num_decodes == 0:
-            prefill = None  # nobody's TPOT is at stake: a prefill-only step costs only TTFT
-        elif c > 0:
+        prefill = None  # with no decodes nobody's TPOT is at stake: a prefill-only step costs only TTFT
+        if num_decodes and c > 0:
             prefill = max(MIN_PREFILL_CHUNK, math.floor((room - b * num_decodes) / c))
         self._last_max_seqs = max_seqs
         return StepLimits(max_seqs, prefill)
@@ -169,4 +165,4 @@ class TPOTController:
 
     def stats(self) -> SLAStats:
         a, b, c = self.model.coef
-        return SLAStats(self.target_s, self.model.fitted, a, b, c, self._last_max_seqs, self.held_steps)
+        return SLAStats(self.target_s, a, b, c, self._last_max_seqs, self.held_steps)
