@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from afdserve.engine.executor import Executor, WorkerFailedError
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.request_cost import CostMeter, RequestCost
 from afdserve.engine.sampler import TokenLogprobs
 from afdserve.engine.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from afdserve.engine.sla_control import TPOTController
@@ -25,11 +26,12 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None  # set with finish_reason "error"
+    cost: RequestCost | None = None  # what the request consumed so far (engine/request_cost.py)
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int,
-                 kv_spec: KVCacheSpec | None = None):
+                 kv_spec: KVCacheSpec | None = None, cost_meter: CostMeter | None = None):
         self.config = config
         # One KV cache per attention rank: data-parallel attention (AFD with x > 1 attention workers) has several.
         num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
@@ -42,6 +44,8 @@ class EngineCore:
                           DataParallelScheduler(config.scheduler, self.kv_managers, max_model_len))
         self.executor = executor
         self.num_steps = 0
+        self.cost_meter = cost_meter  # None: requests are not costed
+        self.cost_total = RequestCost()  # every chunk computed since start, aborted and recomputed ones included
 
     @property
     def kv(self) -> KVCacheManager:
@@ -71,7 +75,10 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.cost_meter is not None:
+            stats.cost = replace(self.cost_total)
+        return stats
 
     def step(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
@@ -81,9 +88,12 @@ class EngineCore:
         try:
             result = self.executor.execute(sched)
         except WorkerFailedError as e:  # new workers are up: the step's requests run again on them, once
-            return [EngineCoreOutput(r.request_id, finish_reason=r.status.finish_reason, error=str(e))
+            return [EngineCoreOutput(r.request_id, finish_reason=r.status.finish_reason, error=str(e),
+                                     cost=replace(r.cost) if self.cost_meter is not None else None)
                     for r in self.scheduler.recover_from_worker_failure()]
         requests = [self.scheduler.requests[item.request_id] for item in sched.scheduled]  # before any finishes
+        if self.cost_meter is not None:
+            self._charge(sched, requests)
         self.scheduler.update_from_output(sched.scheduled, result.sampled)
         self.num_steps += 1
         if self.sla is not None:
@@ -101,8 +111,20 @@ class EngineCore:
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                cost=replace(request.cost) if self.cost_meter is not None else None,
             ))
         return outputs
+
+    def _charge(self, sched: SchedulerOutput, requests: list[Request]) -> None:
+        """Adds each chunk's FLOPs and KV reads to its request and to the engine's total. Logits are computed at
+        the chunk's last position, or at each position when the request asks for prompt logprobs."""
+        for item, request in zip(sched.scheduled, requests):
+            wants_prompt_logprobs = (request.sampling_params.prompt_logprobs is not None
+                                     and item.start_pos < request.num_prompt_tokens - 1)
+            cost = self.cost_meter.chunk_cost(item.start_pos, item.num_tokens,
+                                              item.num_tokens if wants_prompt_logprobs else 1)
+            request.cost.add(cost)
+            self.cost_total.add(cost)
 
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feeds the step-time model: one-token chunks are decode rows, the rest prompt tokens."""

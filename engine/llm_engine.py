@@ -18,6 +18,7 @@ from afdserve.engine.model_runner import kv_cache_spec_for
 from afdserve.engine.output_processor import OutputProcessor
 from afdserve.engine.outputs import RequestOutput
 from afdserve.engine.request import Request
+from afdserve.engine.request_cost import CostMeter
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
 from afdserve.models.hf_config import load_transformer_config, resolve_dtype
@@ -46,7 +47,8 @@ class LLMEngine:
                            "%d run at once; raise kv_cache_memory_gb for more", config.cache.kv_cache_dtype,
                            self.kv_spec.max_seqs, self.kv_spec.max_seqs, config.scheduler.max_num_seqs)
         executor = make_executor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
-        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len, self.kv_spec)
+        cost_meter = CostMeter.for_model(self.model_config, self.kv_spec.block_bytes / config.cache.block_size)
+        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len, self.kv_spec, cost_meter)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self._ids = itertools.count()

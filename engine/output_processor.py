@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from afdserve.engine.detokenizer import IncrementalDetokenizer
 from afdserve.engine.engine_core import EngineCoreOutput
 from afdserve.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from afdserve.engine.request_cost import RequestCost, total_cost
 from afdserve.engine.sampler import TokenLogprobs
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
@@ -24,6 +25,7 @@ class ChildState:
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    cost: RequestCost | None = None  # the engine core's latest count for this sample
 
     def completion(self) -> CompletionOutput:
         delta = self.detokenizer.stream_delta(finished=self.finish_reason is not None)
@@ -86,6 +88,7 @@ class OutputProcessor:
                 continue
             parent, child = found
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            child.cost = out.cost or child.cost
             if out.new_prompt_logprobs and child.index == 0 and parent.prompt_logprobs is not None:
                 parent.prompt_logprobs += [self._position_logprobs(lp) for lp in out.new_prompt_logprobs]
             if out.new_token_ids:
@@ -134,7 +137,8 @@ class OutputProcessor:
                    "token_times": [c.token_times for c in parent.children]}
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                              [c.completion() for c in parent.children], parent.prompt_logprobs, parent.finished,
-                             parent.num_cached_tokens, metrics, parent.error)
+                             parent.num_cached_tokens, metrics, parent.error,
+                             total_cost(c.cost for c in parent.children))
 
     def _forget(self, parent: ParentState) -> None:
         self.parents.pop(parent.request_id, None)

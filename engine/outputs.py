@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from afdserve.engine.request_cost import RequestCost
+
 
 @dataclass
 class Logprob:
@@ -44,3 +46,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # why a sequence finished with "error" (the server answers 503 with it)
+    cost: RequestCost | None = None  # FLOPs, KV bytes read and eFLOPs, all samples together (request_cost.py)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 
+from afdserve.engine.request_cost import RequestCost
 from afdserve.engine.sampling_params import SamplingParams
 
 
@@ -56,6 +57,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 until then
         self.num_preemptions = 0
         self.num_worker_failures = 0  # AFD worker failures it was running at (Scheduler.recover_from_worker_failure)
+        self.cost = RequestCost()  # FLOPs and KV reads of every chunk computed for it (EngineCore charges them)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
 

@@ -14,6 +14,7 @@ from afdserve.engine.config import SchedulerConfig
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.kv_staircase import StairMove
 from afdserve.engine.request import Request, RequestStatus
+from afdserve.engine.request_cost import RequestCost
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.sla_control import NO_LIMITS, SLAStats, TPOTController
 
@@ -71,6 +72,7 @@ class SchedulerStats:
     prefix_queries: int
     prefix_hits: int
     sla: SLAStats | None = None  # with a TPOT SLO (--tpot-slo-ms)
+    cost: RequestCost | None = None  # all chunks computed since start (the engine core fills it in)
 
 
 MAX_WORKER_FAILURES = 1  # failed steps a request may be in and still be retried on new workers

@@ -1,6 +1,10 @@
-"""Architecture name (config.json's `architectures[0]`) -> how to build the model."""
+"""Architecture name (config.json's `architectures[0]`) -> how to build the model.
+
+Every supported architecture is the Llama-family decoder of models/llama.py; what differs is its variant (biases,
+QK-norm, Step-3's MFA query) and its MoE FFN, each read from the config by a function per family."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
@@ -8,41 +12,54 @@ from torch import nn
 from afdserve.kernels.attention import AttentionBackend
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.models.llama import LlamaForCausalLM, LlamaVariant
-from afdserve.models.moe_config import deepseek_moe_config, mixtral_moe_config, qwen_moe_config
+from afdserve.models.moe_config import MoEConfig, deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from afdserve.models.prmoe import prmoe_moe_config
 from afdserve.models.step3 import step3_moe_config, step3_variant
 
-# (config, max positions, attention backend or None for the torch reference) -> model
-ModelFactory = Callable[[TransformerConfig, int, AttentionBackend | None], nn.Module]
 
-_REGISTRY: dict[str, ModelFactory] = {
-    "LlamaForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, attention=a),
-    "MistralForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, attention=a),
-    "Qwen2ForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qkv_bias=True), n, attention=a),
-    "Qwen3ForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n, attention=a),
+def _dense(cfg: TransformerConfig) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    variant: Callable[[TransformerConfig], LlamaVariant]
+    moe: Callable[[TransformerConfig], MoEConfig | None] = _dense
+
+
+_ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(lambda cfg: LlamaVariant()),
+    "MistralForCausalLM": Architecture(lambda cfg: LlamaVariant()),
+    "Qwen2ForCausalLM": Architecture(lambda cfg: LlamaVariant(qkv_bias=True)),
+    "Qwen3ForCausalLM": Architecture(lambda cfg: LlamaVariant(qk_norm=True)),
     # MoE: Llama-family attention, MoE FFN (models/moe_config.py reads each family's fields).
-    "MixtralForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, mixtral_moe_config(cfg), a),
-    "Qwen2MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(
-        cfg, LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)), n, qwen_moe_config(cfg), a),
-    "Qwen3MoeForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(qk_norm=True), n,
-                                                              qwen_moe_config(cfg), a),
+    "MixtralForCausalLM": Architecture(lambda cfg: LlamaVariant(), mixtral_moe_config),
+    "Qwen2MoeForCausalLM": Architecture(lambda cfg: LlamaVariant(qkv_bias=cfg.raw.get("qkv_bias", True)),
+                                        qwen_moe_config),
+    "Qwen3MoeForCausalLM": Architecture(lambda cfg: LlamaVariant(qk_norm=True), qwen_moe_config),
     # DeepSeekMoE (deepseek-moe-16b): MHA + DeepSeekMoE FFN; its config may carry DeepSeek-V2/V3 gating fields.
-    "DeepseekForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, deepseek_moe_config(cfg), a),
+    "DeepseekForCausalLM": Architecture(lambda cfg: LlamaVariant(), deepseek_moe_config),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
-    "PRMoEForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, LlamaVariant(), n, prmoe_moe_config(cfg), a),
+    "PRMoEForCausalLM": Architecture(lambda cfg: LlamaVariant(), prmoe_moe_config),
     # Step-3: MFA attention (low-rank query, one KV head) + shared-expert MoE; see models/step3.py.
-    "Step3TextForCausalLM": lambda cfg, n, a: LlamaForCausalLM(cfg, step3_variant(cfg), n, step3_moe_config(cfg), a),
+    "Step3TextForCausalLM": Architecture(step3_variant, step3_moe_config),
 }
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_ARCHITECTURES)
 
 
-def build_model(cfg: TransformerConfig, max_positions: int, attention: AttentionBackend | None = None) -> nn.Module:
+def architecture_of(cfg: TransformerConfig) -> tuple[LlamaVariant, MoEConfig | None]:
+    """The decoder variant and MoE config (None: dense) that `cfg` builds."""
     try:
-        factory = _REGISTRY[cfg.architecture]
+        arch = _ARCHITECTURES[cfg.architecture]
     except KeyError:
         raise ValueError(f"unsupported architecture {cfg.architecture!r}; supported: "
                          f"{', '.join(supported_architectures())}") from None
-    return factory(cfg, max_positions, attention)
+    return arch.variant(cfg), arch.moe(cfg)
+
+
+def build_model(cfg: TransformerConfig, max_positions: int, attention: AttentionBackend | None = None) -> nn.Module:
+    variant, moe = architecture_of(cfg)
+    return LlamaForCausalLM(cfg, variant, max_positions, moe, attention)

@@ -1,10 +1,12 @@
 """Prometheus metrics for /metrics, named like vLLM's (`vllm:` -> `afdserve:`), on the server's own registry.
 
-Two sources:
+Three sources:
   - per-request outcomes and latencies, recorded by the server when a request finishes or is aborted
     (from the engine's timestamps in RequestOutput.metrics: arrival, first token, every token);
-  - the engine's scheduler / KV state (running, waiting, KV usage, prefix cache, preemptions), read from
-    `AsyncEngine.stats()` at scrape time by a collector, so nothing has to push it;
+  - the engine's scheduler / KV state (running, waiting, KV usage, prefix cache, preemptions) and the work it did
+    (`compute_flops_total{kind}`, `kv_read_bytes_total`, `compute_eflops_total`: the sums of what requests' `usage`
+    reports as `afdserve_cost`, aborted and recomputed chunks included), read from `AsyncEngine.stats()` at scrape
+    time by a collector, so nothing has to push it;
   - with AFD, the per-layer attention / FFN / transfer times and each side's bubble (`afd_*`), from the executor's
     snapshot (`AsyncEngine.stage_times()`, refreshed about once a second; cumulative averages since start).
 
@@ -140,6 +142,17 @@ class _EngineStatsCollector:
                      stats.prefix_hits)
         yield family(CounterMetricFamily, "num_preemptions", "Preemptions (recompute) so far.",
                      stats.num_preemptions)
+        if stats.cost is not None:
+            flops = CounterMetricFamily(PREFIX + "compute_flops", "FLOPs of every chunk computed since start, by "
+                                        "kind (linear: weight matmuls; attention: QK and PV).",
+                                        labels=["model_name", "kind"])
+            flops.add_metric([self.model_name, "linear"], stats.cost.linear_flops)
+            flops.add_metric([self.model_name, "attention"], stats.cost.attention_flops)
+            yield flops
+            yield family(CounterMetricFamily, "kv_read_bytes", "KV cache bytes read by attention since start.",
+                         stats.cost.kv_bytes_read)
+            yield family(CounterMetricFamily, "compute_eflops", "eFLOPs since start: FLOPs + 562.5 x KV bytes read "
+                         "(Kinetics' B200 intensity).", stats.cost.eflops)
         if stats.sla is not None:
             yield from self._sla_families(stats.sla, family)
         afd = self.stage_times()

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
+from afdserve.engine.request_cost import RequestCost, total_cost
+
 # n fans out into n sequences in the engine; an absurd n (10000) is a mistake or an attack, not a workload.
 MAX_N = 128
 # Top logprobs per position, vLLM's --max-logprobs default.
@@ -97,15 +99,27 @@ class CompletionChoice(OpenAIModel):
     stop_reason: int | str | None = None  # vLLM's extra: the stop string or token id that ended the sequence
 
 
+class CostUsage(OpenAIModel):
+    """afdserve's extra in `usage`: what the request consumed, all its samples together (engine/request_cost.py)."""
+    linear_flops: int
+    attention_flops: int
+    kv_bytes_read: float
+    eflops: float  # linear + attention FLOPs + 562.5 x KV bytes read (Kinetics' eFLOPs on B200)
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    afdserve_cost: CostUsage | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+    def of(cls, prompt_tokens: int, completion_tokens: int, costs: list[RequestCost | None] = ()) -> "UsageInfo":
+        """`costs`: each engine request's cost (a completions request with a list of prompts has several)."""
+        total = total_cost(costs)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   afdserve_cost=CostUsage(**total.as_dict()) if total is not None else None)
 
 
 def _now() -> int:

@@ -113,4 +113,4 @@ class _ChatRun:
                                                         self.ctx.decode_token))
 
     def _usage(self, final: RequestOutput) -> UsageInfo:
-        return UsageInfo.of(len(self.prompt_ids), sum(len(c.token_ids) for c in final.outputs))
+        return UsageInfo.of(len(self.prompt_ids), sum(len(c.token_ids) for c in final.outputs), [final.cost])

@@ -166,4 +166,4 @@ class _CompletionRun:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         completion_tokens = 0 if self.echo_only else sum(
             len(c.token_ids) for out in final.values() for c in out.outputs)
-        return UsageInfo.of(prompt_tokens, completion_tokens)
+        return UsageInfo.of(prompt_tokens, completion_tokens, [out.cost for out in final.values()])

@@ -10,7 +10,7 @@ from openai import OpenAI
 
 from afdserve import LLM, SamplingParams
 
-from .server_process import MAX_MODEL_LEN, MODEL_NAME
+from .server_process import MAX_MODEL_LEN, MODEL_NAME, metric
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
@@ -62,6 +62,25 @@ def test_completion_stream_equals_non_stream(client):
     assert [c.choices[0].finish_reason for c in body if c.choices[0].finish_reason] == [full.choices[0].finish_reason]
     assert all(c.usage is None for c in body)
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_usage_carries_the_request_cost_and_metrics_count_it(api_server, client, reference):
+    """usage.afdserve_cost is the engine's count for the request (checked against a hand count in
+    tests/engine/test_request_cost.py), and the /metrics counters grow by exactly that."""
+    want = offline(reference, PROMPTS[1], temperature=0, max_tokens=8, ignore_eos=True).cost
+    before = api_server.metrics()
+    got = complete(client, PROMPTS[1], temperature=0, max_tokens=8, extra_body=NO_EOS).usage.afdserve_cost
+    after = api_server.metrics()
+    assert got == pytest.approx(want.as_dict())  # the openai client keeps unknown fields as a dict
+
+    def grew(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+    assert grew("afdserve:compute_flops_total", kind="linear") == got["linear_flops"]
+    assert grew("afdserve:compute_flops_total", kind="attention") == got["attention_flops"]
+    assert grew("afdserve:kv_read_bytes_total") == got["kv_bytes_read"]
+    chat_out = chat(client, temperature=0, max_tokens=4)
+    want_chat = reference.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert chat_out.usage.afdserve_cost == pytest.approx(want_chat.cost.as_dict())
 
 
 def test_stream_without_usage_has_no_usage_chunk(client):

@@ -1,0 +1,52 @@
+"""Weights a token multiplies through, per family, from the config alone: what `usage.afdserve_cost` charges.
+
+A token's linear FLOPs are 2 x the matmul weights it passes (one multiply and one add per weight). Per decoder layer:
+    attention   Q, K, V and O projections (Step-3's MFA: the low-rank query q_proj and wq instead of Q)
+    FFN         dense: gate, up and down (3 H I);  MoE: the router (H E), top_k routed experts (3 H I_e each), the
+                shared expert or residual MLP (3 H I_s) and their gates (H, or 2 H for the residual mix)
+and once per position whose logits are computed, the LM head (V H). Embedding lookups multiply nothing. Norms,
+RoPE and the activation are element-wise and left out, as the cost models of Step-3 (arXiv 2507.19427) and Kinetics
+(arXiv 2506.05333) leave them out. Computed from the config so that the engine's process knows it without the
+weights (under AFD they live in the workers)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.registry import architecture_of
+
+
+@dataclass(frozen=True)
+class ActiveParams:
+    """Matmul weights one token passes, summed over the decoder layers, and the LM head's."""
+    attention: int  # Q/K/V/O projections
+    ffn: int  # the FFN half: dense MLP, or router + activated experts + shared expert
+    lm_head: int  # per position whose logits are computed
+
+    @property
+    def per_token(self) -> int:
+        """Weights every token passes (the LM head apart)."""
+        return self.attention + self.ffn
+
+
+def active_params(cfg: TransformerConfig) -> ActiveParams:
+    variant, moe = architecture_of(cfg)
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    if variant.share_q_dim:  # MFA: x -> q_proj [share_q_dim] -> wq [heads x head_dim]
+        q_weights = h * variant.share_q_dim + variant.share_q_dim * q
+    else:
+        q_weights = h * q
+    attention = cfg.num_layers * (q_weights + 2 * h * kv + q * h)
+    ffn = 0
+    for layer in range(cfg.num_layers):
+        layer_moe = moe.for_layer(layer) if moe is not None else None
+        if layer_moe is None:
+            ffn += 3 * h * cfg.intermediate_size
+            continue
+        ffn += h * layer_moe.num_experts + layer_moe.router.top_k * 3 * h * layer_moe.intermediate_size
+        if layer_moe.shared_intermediate_size:
+            ffn += 3 * h * layer_moe.shared_intermediate_size + (h if layer_moe.shared_expert_gate else 0)
+        if layer_moe.residual_intermediate_size:
+            ffn += 3 * h * layer_moe.residual_intermediate_size + 2 * h
+    return ActiveParams(attention, ffn, cfg.vocab_size * h)
