@@ -288,3 +288,36 @@ def format_cost_result(result: dict) -> str:
         ", ".join(f"{n} {s:.3f}" for n, s in result["min_moe_sparsity"].items()),
         ", ".join(f"{n} {b:,.0f}" for n, b in result["b_moe_tokens"].items())))
     return "\n".join(lines)
+
+
+PLOT_CONTEXTS = tuple(2 ** k for k in range(10, 18))  # 1K .. 128K
+
+
+def cost_against_context(spec: CostSpec, card: str, contexts: tuple[int, ...] = PLOT_CONTEXTS) -> dict:
+    """USD per 1M decoded tokens (attention + FFN, both on `card`) per model at each context."""
+    hw = {h.name: h for h in spec_hardware(replace(spec, hardware=(card,)))}[card]
+    if hw.usd_per_hour is None:
+        raise ValueError(f"{card} has no price: give --price {card}=USD")
+    curves = {}
+    for name in spec.models:
+        model = resolve_model(name)
+        curves[model.name] = [(ctx, attention_usd_per_1m(model.per_token(ctx), hw) + ffn_usd_per_1m(
+            model.per_token(ctx), hw)) for ctx in contexts]
+    return curves
+
+
+def plot_cost_against_context(curves: dict, card: str, path: str | Path) -> Path:
+    """One line per model: USD per 1M decoded tokens on one card against context, log-2 x axis."""
+    from afdserve.bench.plot import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        ax.plot([c for c, _ in points], [u for _, u in points], marker="o", ms=3, label=name)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="USD per 1M decoded tokens",
+           title=f"Decoding cost against context on {card} (attention + FFN, Step-3's model)")
+    ax.set_xticks([c for c, _ in next(iter(curves.values()))],
+                  [f"{c // 1024}K" for c, _ in next(iter(curves.values()))])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(plt, fig, path)

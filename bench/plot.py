@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -28,19 +28,24 @@ def pareto_points(result: dict) -> list[tuple[float, float]]:
             if p["tpot_ms"]["mean"]]
 
 
-def plot_sweeps(sweeps: dict[str, dict], path: str | Path) -> Path:
-    """Writes the two panels for `sweeps` (label -> a run_sweep result) to `path` (.png, .svg, .pdf)."""
-    plt = _pyplot()
-    fig = sweep_figure(sweeps, plt)
+def save_figure(plt, fig, path: str | Path) -> Path:
+    """Writes `fig` to `path` (.png, .svg, .pdf) and closes it."""
+    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def plot_sweeps(sweeps: dict[str, dict], path: str | Path) -> Path:
+    """Writes the two panels for `sweeps` (label -> a run_sweep result) to `path` (.png, .svg, .pdf)."""
+    plt = pyplot()
+    return save_figure(plt, sweep_figure(sweeps, plt), path)
+
+
 def sweep_figure(sweeps: dict[str, dict], plt=None):
     """The figure of plot_sweeps: axes[0] throughput against TPOT, axes[1] the Pareto; one line per sweep."""
-    plt = plt or _pyplot()
+    plt = plt or pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     slo_lines = set()
     for label, result in sweeps.items():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,6 +122,94 @@ def _bench_cost(args: argparse.Namespace) -> int:
         return 2
     print(format_cost_result(result))
     _write_json(args.json, result)
+    if args.plot:
+        from afdserve.bench.cost import cost_against_context, plot_cost_against_context
+        curves = cost_against_context(CostSpec(tuple(args.model), prices=prices), args.plot_card)
+        print(f"wrote {plot_cost_against_context(curves, args.plot_card, args.plot)}")
+    return 0
+
+
+def _bench_plan(args: argparse.Namespace) -> int:
+    from afdserve.bench import plan as planner
+
+    if args.measured:
+        if args.layers is None:
+            raise ValueError("--measured needs --layers, the model's layer count (SmolLM2-135M: 30)")
+        results = []
+        for path in args.measured:
+            with open(path) as f:
+                results.append(json.load(f))
+        profile = planner.fit_measured(results, args.layers)
+        plans = planner.plan_measured(profile, args.layers, args.tpot_ms / 1e3, args.cores)
+        for note in profile.notes:
+            print(f"note: {note}")
+        print(planner.format_plan(plans, f"this engine's workers ({args.cores} cores), fitted on "
+                                         f"{profile.runs} run(s); TPOT <= {args.tpot_ms:g} ms; first = recommended",
+                                  unit="core"))
+        result = {"mode": "measured", "profile": dataclasses.asdict(profile),
+                  "plans": [dataclasses.asdict(p) for p in plans]}
+    else:
+        efficiency = 1.0
+        if args.calibrated:
+            measured = planner.CALIBRATION[("MFA", 8192)]
+            if args.hardware not in measured:
+                raise ValueError(f"--calibrated: Step-3's Table 9 measures {', '.join(measured)}, not "
+                                 f"{args.hardware}")
+            efficiency = planner.kv_efficiency(args.hardware)
+        opts = planner.Options(kv_efficiency=efficiency, realistic_net=args.realistic_net)
+        plans = planner.plan(args.model, args.hardware, args.context, args.tpot_ms / 1e3, opts)
+        print(planner.format_plan(plans, f"{args.model} on {args.hardware}, context {args.context}, "
+                                         f"TPOT <= {args.tpot_ms:g} ms, KV efficiency {opts.kv_efficiency:.2f}"))
+        result = {"mode": "analytic", "options": dataclasses.asdict(opts),
+                  "plans": [dataclasses.asdict(p) for p in plans]}
+        if args.model == "Step-3":
+            check = planner.step3_2a2f(opts)
+            best = check["best"]
+            print(f"Step-3 2A2F (the paper: 4,039 tok/s/GPU at batch 6,144, TPOT {check['paper_tpot_s'] * 1e3:.1f} "
+                  f"ms): predicted {best.tok_s_per_gpu:,.0f} tok/s/GPU at batch {best.batch:,}, TPOT "
+                  f"{best.tpot_s * 1e3:.1f} ms, {best.bound}-bound: {check['ratio']:.2f}x the paper")
+            result["step3_2a2f"] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                    for k, v in check.items()}
+    _write_json(args.json, result)
+    return 0
+
+
+def _bench_kinetics(args: argparse.Namespace) -> int:
+    from afdserve.bench import kinetics
+
+    if args.traces:
+        frontiers = {}
+        for path in args.traces:
+            rows = kinetics.load_trace_csv(path)
+            for rule in sorted({r["config"].split()[0] for r in rows}):
+                chosen = [r for r in rows if r["config"].split()[0] == rule]
+                frontiers[f"{rule} ({os.path.basename(path)})"] = kinetics.frontier_from_traces(chosen, args.cost)
+        for label, points in frontiers.items():
+            print(f"{label}: " + ", ".join(f"{b:.3g} -> {s:.3f}" for b, s in points[::10] + points[-1:]))
+        result = {"mode": "traces", "cost": args.cost, "frontiers": frontiers}
+        if args.plot:
+            xlabel = "measured eFLOPs per problem" if args.cost == "eflops" else "wall seconds per problem"
+            print(f"wrote {kinetics.plot_frontiers(frontiers, args.plot, xlabel, 'Accuracy against cost')}")
+    else:
+        result = kinetics.run_analytic_sweep(kinetics.KineticsSpec(models=tuple(args.models), sign=args.sign))
+        print(kinetics.format_kinetics_result(result))
+        if args.plot:
+            print(f"wrote {kinetics.plot_analytic(result, args.plot)}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _bench_tts(args: argparse.Namespace) -> int:
+    from afdserve import LLM
+    from afdserve.bench.tts import TTSSpec, format_tts_result, run_tts_sweep, write_trace_csv
+
+    spec = TTSSpec(args.num_problems, tuple(args.trials), args.temperature, args.max_tokens, args.bench_seed)
+    with LLM(config=engine_config_from_args(args)) as llm:
+        result = run_tts_sweep(llm, spec)
+    print(format_tts_result(result))
+    if args.csv:
+        print(f"wrote {write_trace_csv(result['rows'], args.csv)}")
+    _write_json(args.json, {k: v for k, v in result.items() if k != "rows"})
     return 0
 
 
@@ -290,7 +380,48 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--hardware", nargs="+", default=list(HARDWARE), choices=list(HARDWARE))
     cost.add_argument("--price", nargs="+", metavar="NAME=USD", help="USD per card-hour; H100, H200 and B200 have none")
     cost.add_argument("--json", default=None)
+    cost.add_argument("--plot", default=None, metavar="FILE.png", help="cost against context (1K-128K) per model")
+    cost.add_argument("--plot-card", default="H800", choices=list(HARDWARE), help="the card of --plot")
     cost.set_defaults(func=_bench_cost)
+    pn = bench_sub.add_parser("plan", help="AFD deployment planner: xAyF, micro-batches and batch under a TPOT SLA, "
+                                           "from the cost model or this engine's measured --afd runs (bench/plan.py)")
+    pn.add_argument("--model", default="Step-3", choices=list(CATALOG))
+    pn.add_argument("--hardware", default="H800", choices=list(HARDWARE))
+    pn.add_argument("--context", type=int, default=4096)
+    pn.add_argument("--tpot-ms", type=float, default=50.0)
+    pn.add_argument("--calibrated", action="store_true",
+                    help="attention at the KV bandwidth efficiency of Step-3's Table 9 instead of the roofline")
+    pn.add_argument("--realistic-net", action="store_true", help="DeepEP's 40 GB/s per 400 Gbps NIC")
+    pn.add_argument("--measured", nargs="+", metavar="RESULT.json",
+                    help="plan this engine's CPU workers from `bench throughput --afd xAyF --json` results")
+    pn.add_argument("--layers", type=int, default=None, help="--measured: the model's layer count")
+    pn.add_argument("--cores", type=int, default=os.cpu_count(), help="--measured: one worker per core")
+    pn.add_argument("--json", default=None)
+    pn.set_defaults(func=_bench_plan)
+    kin = bench_sub.add_parser("kinetics", help="Kinetics eFLOPs frontiers: the analytic Qwen3 sweep, or measured "
+                                                "traces (bench/kinetics.py)")
+    kin.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B",
+                                                     "Qwen3-14B", "Qwen3-32B"])
+    kin.add_argument("--sign", type=int, default=-1, choices=[-1, 1],
+                     help="sign of the sparse cost's (B - L_in)^2 / 2 term (+1: Kinetics' oracle top-k code)")
+    kin.add_argument("--traces", nargs="+", metavar="TRACES.csv",
+                     help="frontiers of measured traces (problem,config,model,input_len,output_lens,correct"
+                          "[,eflops][,wall_s]), one line per rule (the config's first word)")
+    kin.add_argument("--cost", default="eflops", choices=["eflops", "wall_s"], help="--traces: the cost axis")
+    kin.add_argument("--plot", default=None, metavar="FILE.png")
+    kin.add_argument("--json", default=None)
+    kin.set_defaults(func=_bench_kinetics)
+    tts = bench_sub.add_parser("tts", help="measured test-time scaling: Best-of-N and majority vote on few-shot "
+                                           "addition, accuracy against the engine's eFLOPs and wall time")
+    add_engine_args(tts)
+    tts.add_argument("--num-problems", type=int, default=40)
+    tts.add_argument("--trials", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="the N's")
+    tts.add_argument("--temperature", type=float, default=0.8)
+    tts.add_argument("--max-tokens", type=int, default=5)
+    tts.add_argument("--bench-seed", type=int, default=0)
+    tts.add_argument("--csv", default=None, help="the traces, for `bench kinetics --traces`")
+    tts.add_argument("--json", default=None)
+    tts.set_defaults(func=_bench_tts)
     moe = bench_sub.add_parser("moe", help="MoE layer (router + experts) tokens/s against tokens, CPU torch path")
     moe.add_argument("--hidden", type=int, default=512, help="default: Mixtral-8x7B scaled 8x down (bench/moe.py)")
     moe.add_argument("--intermediate", type=int, default=1792, help="one expert's SwiGLU width")

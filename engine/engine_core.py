@@ -74,6 +74,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        """Drops every prefix-cache entry; refused while requests run (their blocks may be shared)."""
+        if self.has_unfinished():
+            raise RuntimeError("reset_prefix_cache: requests are still running or waiting")
+        for kv in self.kv_managers:
+            kv.pool.forget_cached()
+
     def stats(self) -> SchedulerStats:
         stats = self.scheduler.stats()
         if self.cost_meter is not None:

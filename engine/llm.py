@@ -43,6 +43,11 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (vLLM's LLM.reset_prefix_cache), so the next requests compute their whole
+        prompts: runs that compare costs start from the same cache."""
+        self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Releases the executor (with --afd: its Ray actors and shared memory)."""
         self.engine.shutdown()

@@ -131,6 +131,9 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        self.core.reset_prefix_cache()
+
     def step(self) -> list[RequestOutput]:
         outputs, stops = self.output_processor.process(self.core.step())
         for child_id, stop in stops:

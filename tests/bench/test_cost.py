@@ -99,3 +99,37 @@ def test_an_mla_moe_hf_config_gives_deepseek_v3s_catalog_entry(tmp_path):
     model, catalog = model_from_hf_config(tmp_path / "config.json"), CATALOG["DeepSeek-V3"]
     assert model.per_token(8192) == catalog.per_token(8192)
     assert model.sparsity == catalog.sparsity == 9 / 257
+
+
+def test_cost_against_context_by_hand_and_its_plot(tmp_path):
+    """Qwen3-32B on H800 at 1K: KV-bound attention (FLOP/byte 4 n_q d / (2 n_kv d b) = 32 < H800's 591) plus linear
+    and FFN FLOPs, each priced by the card's unit costs; the plot is written."""
+    from afdserve.bench.cost import cost_against_context, plot_cost_against_context
+
+    curves = cost_against_context(CostSpec(models=("Qwen3-32B", "Step-3")), "H800", (1024, 131072))
+    u_flop, u_byte = 2.0 / (3600 * 1.98e15), 2.0 / (3600 * 3.35e12)
+    kv = 64 * 2 * 8 * 128 * 1 * 1024
+    linear = 2 * 64 * (5120 * (64 + 16) * 128 + 64 * 128 * 5120)
+    ffn = 2 * 64 * 3 * 5120 * 25600
+    assert curves["Qwen3-32B"][0] == (1024, pytest.approx(1e6 * (kv * u_byte + (linear + ffn) * u_flop)))
+    assert curves["Step-3"][1][1] > curves["Step-3"][0][1]  # longer contexts cost more
+    path = plot_cost_against_context(curves, "H800", tmp_path / "cost.png")
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="H100 has no price"):
+        cost_against_context(CostSpec(models=("Step-3",)), "H100")
+
+
+def test_bench_cost_plan_and_kinetics_commands_write_their_outputs(tmp_path, capsys):
+    from afdserve.engine.cli import main
+
+    assert main(["bench", "cost", "--model", "Step-3", "--json", str(tmp_path / "c.json"),
+                 "--plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists() and json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert main(["bench", "plan", "--json", str(tmp_path / "p.json")]) == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["step3_2a2f"]["paper"]["x"] == 2 and plan["plans"]
+    assert "Step-3 2A2F" in capsys.readouterr().out
+    assert main(["bench", "kinetics", "--models", "Qwen3-0.6B", "Qwen3-8B", "--plot", str(tmp_path / "k.png"),
+                 "--json", str(tmp_path / "k.json")]) == 0
+    kin = json.loads((tmp_path / "k.json").read_text())
+    assert set(kin["frontier"]) == {"bestofn", "longcot"} and (tmp_path / "k.png").exists()

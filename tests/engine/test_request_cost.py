@@ -85,3 +85,15 @@ def test_n_samples_pay_a_shared_prompt_once(tiny, prefix_caching):
     decodes = [(35 + j, 1) for j in range(new - 1)] * n
     linear, attention, kv = hand_cost(prefill + decodes)
     assert (out.cost.linear_flops, out.cost.attention_flops, out.cost.kv_bytes_read) == (linear, attention, kv)
+
+
+def test_reset_prefix_cache_makes_the_prompt_cost_again(tiny):
+    llm = LLM(str(tiny), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prompt = list(range(3, 40))  # 37 tokens: 2 full blocks can be found
+    first = llm.generate([prompt], params, use_tqdm=False)[0].cost
+    cached = llm.generate([prompt], params, use_tqdm=False)[0].cost
+    llm.reset_prefix_cache()
+    again = llm.generate([prompt], params, use_tqdm=False)[0].cost
+    assert cached.linear_flops == hand_cost([(32, 5)])[0] < first.linear_flops == hand_cost([(0, 37)])[0]
+    assert again == first
