@@ -23,9 +23,11 @@ scheduler then sends the step's requests again, to recompute their KV on the new
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -52,15 +54,57 @@ class FFNServingStoppedError(RuntimeError):
     """An FFN worker answers pings but its serving thread is gone: it will never finish the step."""
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> bool:
+    """Connects this process to Ray; True if this call started it (the caller then shuts it down)."""
     if ray.is_initialized():
-        return
+        return False
     if address is None:
         # A private local cluster ("local": never join one that `ray start` left on this host). Actors take no CPU
         # slots, so any xAyF fits on a small host.
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def stop_local_ray() -> None:
+    """ray.shutdown() for a cluster this process started, and then its raylet's agents (ray::DashboardAgent,
+    ray::RuntimeEnvAgent): started from a thread other than the main one (the engine thread), Ray leaves them
+    running after the rest of it has stopped. They are the processes that hold files of this cluster's session
+    directory (their logs)."""
+    session = ray._private.worker._global_node.get_session_dir_path()
+    ray.shutdown()
+    left = [pid for pid in _pids_holding(session) if pid != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (3 if sig == signal.SIGTERM else 0)
+        while time.monotonic() < deadline and any(_alive(pid) for pid in left):
+            time.sleep(0.1)
+        left = [pid for pid in left if _alive(pid)]
+        if not left:
+            return
+
+
+def _pids_holding(directory: str) -> list[int]:
+    """Processes with a file below `directory` open, from /proc (none where there is no /proc)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(os.readlink(fd).startswith(directory) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _role_placement(resource: str) -> dict:
@@ -75,7 +119,8 @@ class AFDExecutor:
     def __init__(self, config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                  max_model_len: int):
         par = config.parallel
-        init_ray(par.ray_address)
+        # A local cluster started here is stopped by shutdown(), its raylet's agents with it; a joined one stays.
+        self._owns_ray = init_ray(par.ray_address)
         self._worker_args = (config, model_dir, model_config, num_kv_blocks, max_model_len)
         self.attention_ranks = list(range(par.num_attention_workers))
         self.ffn_ranks = list(range(par.num_attention_workers, par.num_attention_workers + par.num_ffn_workers))
@@ -217,3 +262,5 @@ class AFDExecutor:
             ray.get([w.stop_ffn.remote() for w in self.attention], timeout=30)
         finally:
             self._stop_workers()
+            if self._owns_ray:
+                stop_local_ray()

@@ -40,6 +40,7 @@ from afdserve.engine.server.metrics import ServerMetrics
 from afdserve.engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                                              ModelList, TokenizeRequest)
 from afdserve.engine.server.serving_chat import ChatServing
+from afdserve.engine.server.server_args import DEFAULT_MAX_REQUEST_BYTES
 from afdserve.engine.server.serving_common import ServingContext
 from afdserve.engine.server.serving_completions import CompletionServing
 from afdserve.engine.server.serving_tokenization import TokenizationServing
@@ -49,8 +50,9 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              model_root: str | None = None) -> FastAPI:
-    ctx = ServingContext(engine, served_model_name, ServerMetrics(served_model_name, engine.stats, engine.stage_times))
+              model_root: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    ctx = ServingContext(engine, served_model_name, ServerMetrics(served_model_name, engine.stats, engine.stage_times),
+                         max_request_bytes)
     completions, chat, tokenization = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
     app = FastAPI(title="afdserve", version=afdserve.__version__)
     app.state.serving = ctx
@@ -76,7 +78,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.post("/tokenize")
     async def tokenize(raw_request: Request) -> Response:
         request = await read_body(raw_request, TokenizeRequest)
-        return _json(_bad_input_as_400(tokenization.tokenize, request))
+        try:
+            return _json(await tokenization.tokenize(request))
+        except ValueError as e:
+            raise from_exception(e) from None
 
     @app.post("/detokenize")
     async def detokenize(raw_request: Request) -> Response:
@@ -101,8 +106,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 # ---- request plumbing -----------------------------------------------------------------------------------------
 async def read_body(raw_request: Request, model: type[Body]) -> Body:
     """The JSON body as `model`. Parsed here rather than by FastAPI so that every failure (bad UTF-8, bad JSON,
-    any Content-Type, wrong shape) is the same OpenAI-shaped 400."""
-    raw = await raw_request.body()
+    any Content-Type, wrong shape) is the same OpenAI-shaped 400; a body over the server's limit is a 413."""
+    raw = await _read_limited(raw_request, raw_request.app.state.serving.max_request_bytes)
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
@@ -115,6 +120,24 @@ async def read_body(raw_request: Request, model: type[Body]) -> Body:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation_errors(e.errors(include_url=False), model.model_fields) from None
+
+
+async def _read_limited(raw_request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit` bytes: from Content-Length before reading, or
+    while a chunked body streams in."""
+    def too_large(size: str) -> APIError:
+        return APIError(f"the request body is {size} bytes, over this server's limit of {limit} "
+                        f"(--max-request-bytes)", 413)
+
+    declared = raw_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    body = bytearray()
+    async for chunk in raw_request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(f"more than {len(body)}")
+    return bytes(body)
 
 
 def _bad_input_as_400(handler, request):
@@ -239,7 +262,7 @@ class DrainingServer(uvicorn.Server):
             logger.warning("drain timeout (%.1f s): aborted %d request(s) still in flight", self.drain_timeout, count)
 
 
-async def _start_grpc(engine: AsyncEngine, host: str, port: int, served_model_name: str):
+async def _start_grpc(ctx: ServingContext, host: str, port: int):
     if not port:
         return None
     try:
@@ -247,14 +270,14 @@ async def _start_grpc(engine: AsyncEngine, host: str, port: int, served_model_na
     except ImportError as e:
         logger.warning("gRPC is not available (%s); serving HTTP only", e)
         return None
-    server = await start_grpc_server(engine, host, port, served_model_name)
+    server = await start_grpc_server(ctx, host, port)
     logger.info("gRPC listening on %s:%d", host, port)
     return server
 
 
 async def _serve(engine: AsyncEngine, app: FastAPI, args) -> None:
     ctx: ServingContext = app.state.serving
-    grpc_server = await _start_grpc(engine, args.host, args.grpc_port, ctx.model_name)
+    grpc_server = await _start_grpc(ctx, args.host, args.grpc_port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log,
                             timeout_graceful_shutdown=args.drain_timeout + DrainingServer.BACKSTOP_S)
@@ -272,7 +295,8 @@ def run_server(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncEngine(engine_config_from_args(args))
     name = args.served_model_name or args.model
-    app = build_app(engine, name, args.api_key, model_root=str(engine.engine.model_dir))
+    app = build_app(engine, name, args.api_key, model_root=str(engine.engine.model_dir),
+                    max_request_bytes=args.max_request_bytes)
     logger.info("serving %s (max_model_len %d) on http://%s:%d", name, engine.max_model_len, args.host, args.port)
     try:
         asyncio.run(_serve(engine, app, args))

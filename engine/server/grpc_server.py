@@ -1,7 +1,8 @@
 """gRPC front end: afdserve.v1.Generation, the standard grpc.health.v1.Health service and server reflection, on
-one grpc.aio server that shares the HTTP server's AsyncEngine and event loop.
+one grpc.aio server that shares the HTTP server's ServingContext (engine, checks, metrics, in-flight set) and event
+loop; prompts are tokenized on a worker thread, as HTTP's are.
 
-    client ──Generate──► GenerationServicer ──engine.generate()──► AsyncEngine (engine thread)
+    client ──Generate──► GenerationServicer ──generate_tracked()──► AsyncEngine (engine thread)
                                │ ◄──── cumulative RequestOutputs ─────┘
                                └──► chunk … chunk (new tokens + safe text, per choice), complete (per choice)
 
@@ -9,10 +10,12 @@ Errors. A Generate call that fails sends one `error` response (message, HTTP-lik
 ends with the matching gRPC status, so that stream readers see the reason and proxies, meshes and retry policies see
 the code:
 
-    bad input (sampling values, empty or over-long prompt, token id out of range)   INVALID_ARGUMENT   400
+    bad input (sampling values, empty prompt, prompt + max_tokens over the context,
+               token id out of range: the checks HTTP makes, in serving_common)     INVALID_ARGUMENT   400
     a model name other than the served one (empty: the served one)                    NOT_FOUND          404
     the engine loop has died                                                         UNAVAILABLE        503
     anything else                                                                    INTERNAL           500
+    a message over --max-request-bytes (refused by grpc itself, no error response)   RESOURCE_EXHAUSTED
 
 Tokenize and ListModels end with the status alone. A call that the client cancels (or whose deadline passes)
 cancels its handler; closing the engine stream then aborts the request and frees its KV blocks.
@@ -35,7 +38,9 @@ from grpc_reflection.v1alpha import reflection
 from afdserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from afdserve.engine.outputs import CompletionOutput, RequestOutput
 from afdserve.engine.sampling_params import SamplingParams
+from afdserve.engine.server.errors import APIError
 from afdserve.engine.server.protocol import MAX_N
+from afdserve.engine.server.serving_common import ServingContext, generate_tracked
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as pb
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -75,11 +80,28 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         raise _invalid(e, input_field="") from None
 
 
-def prompt_of(request: pb.GenerateRequest) -> str | list[int]:
+async def prompt_ids_of(ctx: ServingContext, request: pb.GenerateRequest) -> list[int]:
+    """The prompt's token ids, tokenized off the event loop as HTTP's are, and checked as HTTP checks them."""
     which = request.WhichOneof("input")
     if which is None:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "input is required: set text or token_ids", "input")
-    return request.text if which == "text" else list(request.token_ids.ids)
+    if which == "text":
+        return await ctx.encode(request.text, "text")
+    ids = list(request.token_ids.ids)
+    ctx.check_token_ids(ids, "token_ids")
+    return ids
+
+
+def _from_api_error(error: APIError, input_field: str) -> RequestError:
+    """The shared checks' HTTP-shaped error as this API's: the gRPC status, and the field under its proto name."""
+    status = {404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}.get(
+        error.status, grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.INTERNAL)
+    param = error.param or ""
+    if param in _SAMPLING_FIELDS:
+        param = f"sampling.{param}"
+    elif param in ("prompt", "text", "token_ids"):
+        param = input_field
+    return RequestError(status, error.message, param)
 
 
 def _invalid(error: ValueError, input_field: str) -> RequestError:
@@ -137,27 +159,36 @@ async def whole(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[pb.Gener
 
 # ---- services -----------------------------------------------------------------------------------------------
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: AsyncEngine, served_model_name: str):
-        self.engine = engine
-        self.model_name = served_model_name
+    """Shares the HTTP server's ServingContext: the same prompt checks, tokenization off the event loop, request
+    metrics, and the in-flight set a drain aborts."""
+
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.model_name = ctx.model_name
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        input_field = request.WhichOneof("input") or ""
         try:
             self._check(request.model)
             params = sampling_params(request.sampling)
-            prompt = prompt_of(request)
-            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
+            prompt_ids = await prompt_ids_of(self.ctx, request)
+            self.ctx.check_context_length(len(prompt_ids), params.max_tokens, input_field, "sampling.max_tokens")
+            self.ctx.check_params(params)
+            async with contextlib.aclosing(generate_tracked(self.ctx, prompt_ids, params, request_id)) as outputs:
                 async for response in (streamed if request.stream else whole)(outputs):
                     response.request_id = request_id
                     yield response
             return
         except RequestError as e:
             error = e
+        except APIError as e:
+            error = _from_api_error(e, input_field)
         except (EngineDeadError, RequestFailedError) as e:
             error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:  # the engine rejected the input
-            error = _invalid(e, input_field=request.WhichOneof("input") or "")
+            error = _invalid(e, input_field=input_field)
         except Exception as e:
             logger.exception("gRPC Generate %s failed", request_id)
             error = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
@@ -170,7 +201,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except RequestError as e:
             await context.abort(e.status, e.message)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = self.engine.tokenizer.encode(request.text, add_special_tokens=add_special)
+        try:
+            ids = await self.ctx.tokenize(request.text, "text", add_special)
+        except APIError as e:
+            error = _from_api_error(e, "text")
+            await context.abort(error.status, error.message)
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     async def ListModels(self, request: pb.ListModelsRequest,
@@ -225,12 +260,15 @@ class EngineHealthServicer(HealthServicer):
             await self._sync()
 
 
-async def start_grpc_server(engine: AsyncEngine, host: str, port: int, served_model_name: str) -> grpc.aio.Server:
+async def start_grpc_server(ctx: ServingContext, host: str, port: int) -> grpc.aio.Server:
     """Starts Generation, Health and reflection on host:port and returns the running server; the caller stops it
     (`await server.stop(grace)`). Raises RuntimeError if the port cannot be bound."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port in use is an error, not a shared port
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, served_model_name), server)
-    health = EngineHealthServicer(engine)
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+        ("grpc.max_receive_message_length", ctx.max_request_bytes),  # larger: RESOURCE_EXHAUSTED
+    ])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(ctx), server)
+    health = EngineHealthServicer(ctx.engine)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

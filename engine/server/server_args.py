@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # a request body beyond this is refused (413) before it is read whole
+
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
@@ -16,3 +18,5 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="refuse larger HTTP bodies (413) and gRPC messages (RESOURCE_EXHAUSTED)")

@@ -30,7 +30,7 @@ class ChatServing:
         ctx = self.ctx
         ctx.check_model(request.model)
         messages = [m.to_template_dict() for m in request.messages]
-        prompt_ids = ctx.chat_prompt_ids(messages, request.add_generation_prompt)
+        prompt_ids = await ctx.chat_prompt_ids(messages, request.add_generation_prompt)
         output_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         ctx.check_context_length(len(prompt_ids), request.output_limit, "messages", output_field)
         num_top = (request.top_logprobs or 0) if request.logprobs else None

@@ -15,6 +15,7 @@ from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.server.errors import APIError, from_value_error, model_not_found
 from afdserve.engine.server.metrics import ServerMetrics
 from afdserve.engine.server.protocol import SamplingRequest
+from afdserve.engine.server.server_args import DEFAULT_MAX_REQUEST_BYTES
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -26,6 +27,7 @@ class ServingContext:
     engine: AsyncEngine
     model_name: str
     metrics: ServerMetrics
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies and gRPC messages (--max-request-bytes)
     inflight: set[str] = field(default_factory=set)  # engine request ids being generated
 
     def abort_inflight(self) -> int:
@@ -72,30 +74,38 @@ class ServingContext:
                            f"{max_tokens} in the completion). Please reduce the length of the {field} or "
                            f"completion.", 400, output_field if max_tokens >= limit else field)
 
-    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
-        """The text's token ids; a text that cannot fit the context whatever its tokens is refused before it is
-        tokenized, which holds the event loop (a 10 MB prompt took 11 s)."""
+    async def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids for a prompt; a text that cannot fit the context whatever its tokens is refused
+        before it is tokenized (a 10 MB prompt takes seconds)."""
         limit = self.engine.max_model_len
         at_least = len(text) // (2 * self.tokenizer.max_token_bytes)  # half the bound: normalizers may shrink text
         if at_least >= limit:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, the {field} has "
                            f"{len(text)} characters, at least {at_least} tokens. Please reduce the length of the "
                            f"{field}.", 400, field)
+        return await self.tokenize(text, field, add_special_tokens)
+
+    async def tokenize(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids, computed on a worker thread: the event loop (every other stream, /health) never waits for a
+        long text, and neither does the engine thread."""
         try:
-            return self.tokenizer.encode(text, add_special_tokens)
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
         except ValueError as e:
             raise APIError(str(e), 400, field) from None
 
     def decode_token(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool,
+                              check_length: bool = True) -> list[int]:
         """The conversation through the model's chat template, as the offline LLM.chat tokenizes it."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                           add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(str(e), 400, "messages") from None
-        return self.encode(text, "messages", add_special_tokens=False)
+        encode = self.encode if check_length else self.tokenize
+        return await encode(text, "messages", add_special_tokens=False)
 
 
 def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None = None,

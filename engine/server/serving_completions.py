@@ -44,7 +44,7 @@ class CompletionServing:
         """Validates (raising APIError), then returns the whole response, or the SSE stream to send."""
         ctx = self.ctx
         ctx.check_model(request.model)
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         echo_only = request.echo and request.max_tokens == 0
         max_tokens = 1 if echo_only else request.max_tokens  # echo-only runs one step for the prompt logprobs
         for prompt in prompts:
@@ -57,7 +57,7 @@ class CompletionServing:
             return run.stream(params)
         return await run.collect(params)
 
-    def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -66,7 +66,7 @@ class CompletionServing:
         out = []
         for item in prompt:
             if isinstance(item, str):
-                out.append(Prompt(self.ctx.encode(item, "prompt", request.add_special_tokens), item))
+                out.append(Prompt(await self.ctx.encode(item, "prompt", request.add_special_tokens), item))
             else:
                 self.ctx.check_token_ids(item, "prompt")
                 out.append(Prompt(list(item), None))

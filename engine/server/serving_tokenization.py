@@ -10,13 +10,14 @@ class TokenizationServing:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """Any length: the count is what a client asks for, also beyond the context."""
         self.ctx.check_model(request.model)
         if request.messages is not None:
             messages = [m.to_template_dict() for m in request.messages]
-            tokens = self.ctx.chat_prompt_ids(messages, request.add_generation_prompt)
+            tokens = await self.ctx.chat_prompt_ids(messages, request.add_generation_prompt, check_length=False)
         else:
-            tokens = self.ctx.tokenizer.encode(request.prompt, request.add_special_tokens)
+            tokens = await self.ctx.tokenize(request.prompt, "prompt", request.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=self.ctx.engine.max_model_len, tokens=tokens)
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:

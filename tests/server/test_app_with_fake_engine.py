@@ -114,3 +114,58 @@ def test_metrics_expose_the_tpot_slo_controller():
     assert 'afdserve:sla_max_num_seqs{model_name="fake"} 15.0' in text  # (85 - 10) / 5 rows
     assert 'afdserve:sla_held_steps_total{model_name="fake"} 1.0' in text
     assert "sla_" not in TestClient(build_app(FakeEngine(), "fake")).get("/metrics").text
+
+
+class BlockingTokenizer(FakeTokenizer):
+    """encode waits until released (at most 10 s): a stand-in for a long text being tokenized."""
+
+    def __init__(self):
+        import threading
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.started.set()
+        self.release.wait(timeout=10)
+        return super().encode(text, add_special_tokens)
+
+
+def test_tokenization_leaves_the_event_loop_free():
+    """While one request's prompt is being tokenized, /health answers: tokenization runs on a worker thread. Were it
+    on the event loop, /health would wait for the tokenizer's release (10 s)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    engine = FakeEngine(alive=True)
+    engine.tokenizer = tokenizer = BlockingTokenizer()
+    app = build_app(engine, "fake")
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            start = time.monotonic()
+            tokenize = asyncio.ensure_future(client.post("/tokenize", json={"prompt": "hello"}))
+            while not tokenizer.started.is_set():
+                await asyncio.sleep(0.01)
+            health = await client.get("/health")
+            waited = time.monotonic() - start  # from before the tokenize request: a blocked loop counts
+            tokenizer.release.set()
+            return health.status_code, waited, (await tokenize).json()
+
+    status, waited, tokens = asyncio.run(scenario())
+    assert status == 200 and waited < 5
+    assert tokens["count"] == 5
+
+
+def test_a_body_over_the_request_limit_is_413():
+    client = TestClient(build_app(FakeEngine(alive=True), "fake", max_request_bytes=1000))
+    big = {"prompt": "x" * 2000, "max_tokens": 1}
+    resp = client.post("/v1/completions", json=big)
+    assert resp.status_code == 413 and "limit of 1000" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["code"] == 413
+    # without a Content-Length (a chunked body), refused while it streams in
+    chunked = client.post("/v1/completions", content=iter([json.dumps(big).encode()[:600]] * 3),
+                          headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code != 413
+    assert client.get("/health").status_code == 200

@@ -21,6 +21,8 @@ from afdserve import LLM, SamplingParams
 from afdserve.engine.async_engine import AsyncEngine
 from afdserve.engine.llm import engine_config
 from afdserve.engine.server.grpc_server import start_grpc_server
+from afdserve.engine.server.metrics import ServerMetrics
+from afdserve.engine.server.serving_common import ServingContext
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2 as pb
 from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -39,11 +41,13 @@ def free_port() -> int:
 class Served:
     """A grpc.aio server on its own event loop; `call(fn)` runs `fn(stub, channel)` on that loop."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, **context):
         self.engine = engine
+        self.ctx = ServingContext(engine, MODEL_NAME, ServerMetrics(MODEL_NAME, lambda: engine.stats(), lambda: None),
+                                  **context)
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
-        self.server = self.loop.run_until_complete(start_grpc_server(engine, "127.0.0.1", self.port, MODEL_NAME))
+        self.server = self.loop.run_until_complete(start_grpc_server(self.ctx, "127.0.0.1", self.port))
 
     def call(self, fn):
         async def run():
@@ -185,6 +189,12 @@ BAD_REQUESTS = {
     "logit_bias token out of range": (dict(text=PROMPT, sampling=pb.SamplingParams(logit_bias={10**9: 1.0})),
                                       "sampling.logit_bias"),
     "prompt over the context": (dict(token_ids=pb.TokenIds(ids=[1] * 300)), "token_ids"),
+    "text over the context": (dict(text="word " * 3000), "text"),
+    # the same context check as HTTP's: prompt + max_tokens must fit
+    "max_tokens over the context": (dict(text=PROMPT, sampling=pb.SamplingParams(max_tokens=1000)),
+                                    "sampling.max_tokens"),
+    "prompt + max_tokens over the context": (dict(token_ids=pb.TokenIds(ids=[1] * 200),
+                                                  sampling=pb.SamplingParams(max_tokens=100)), "token_ids"),
 }
 
 
@@ -235,6 +245,36 @@ def test_dead_engine_is_unavailable_and_not_serving():
             assert s.call(lambda _, ch: check(ch, service)) == health_pb2.HealthCheckResponse.NOT_SERVING
         responses, error = s.call(lambda stub, _: _responses_and_error(stub.Generate(pb.GenerateRequest(text="x"))))
         assert responses[0].error.http_status_code == 503 and error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.close()
+
+
+def test_requests_are_counted_in_the_servers_metrics(served):
+    """gRPC requests go through the HTTP server's request path: its metrics count them (finished, tokens)."""
+    def finished():
+        text = served.ctx.metrics.render().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("afdserve:request_success_total{"))
+
+    before = finished()
+    request = pb.GenerateRequest(model=MODEL_NAME, text=PROMPT, sampling=pb.SamplingParams(max_tokens=2, n=2))
+    served.call(lambda stub, _: _responses(stub.Generate(request)))
+    assert finished() == before + 2  # two sequences
+
+
+async def _responses(call):
+    return [r async for r in call]
+
+
+def test_a_message_over_the_request_limit_is_resource_exhausted(async_engine):
+    s = Served(async_engine, max_request_bytes=2000)
+    try:
+        request = pb.GenerateRequest(model=MODEL_NAME, text="x" * 4000)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            s.call(lambda stub, _: _responses(stub.Generate(request)))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        small = pb.GenerateRequest(model=MODEL_NAME, text=PROMPT, sampling=pb.SamplingParams(max_tokens=1))
+        assert s.call(lambda stub, _: _responses(stub.Generate(small)))[-1].WhichOneof("response") == "complete"
     finally:
         s.close()
 
