@@ -87,8 +87,10 @@ class CacheConfig:
     kv_cache_dtype: str = option("auto", "KV cache storage: the model dtype, fp8/int8 per token, int4 (KIVI) or saq "
                                          "(staircase)", choices=KV_CACHE_DTYPES)
     kv_window: int = option(128, "int4: newest tokens kept in full precision (KIVI's R)")
-    kv_staircase: str = option("128:16,256:8,384:4,inf:2", "saq: age:bits stairs; blocks older than an age step "
-                                                           "down to the next stair's bits")
+    # SAQ's own example ladder (128:16,256:8,384:4,inf:2) reaches 2 bits after 384 tokens: +6% perplexity on SmolLM2
+    # at 2,048 tokens, +9% at 4,096. Stopping at 4 bits keeps saq within int8's and int4's accuracy.
+    kv_staircase: str = option("128:16,512:8,inf:4", "saq: age:bits stairs; blocks older than an age step down to "
+                                                     "the next stair's bits")
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):

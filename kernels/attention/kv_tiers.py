@@ -103,8 +103,13 @@ def kv_cache_spec(fmt: str, shape: KVShape, num_layers: int, window: int, stairc
             raise ValueError(f"kv_cache_dtype {fmt} needs head_dim divisible by {8 // bits} and by "
                              f"{min(VALUE_GROUP, hd)}, got {hd}")
     bs = shape.block_size
-    # Stair 0: each sequence's window plus its partial block, and the blocks a step writes before they age out.
-    step_blocks = math.ceil(max_num_batched_tokens / bs) + 2 * max_num_seqs  # pinned while the step writes them
+    # Stair 0: each sequence's window plus its partial block, and the blocks a step writes before they age out:
+    # its tokens' blocks plus, per prefilling sequence, one its chunk's start shares with the block before (at most
+    # one per block of tokens, beyond which the step's own blocks step down early). A decode writes its partial
+    # block, already in its window. Sized per running sequence (2 per sequence, as before), this pinned 640
+    # full-precision blocks at the defaults: most of the pools' half of a 1 GB budget in fp32, leaving windows
+    # for 9 sequences.
+    step_blocks = 2 * math.ceil(max_num_batched_tokens / bs)  # pinned while the step writes them
     ages = [hi - lo for (lo, _), (hi, _) in zip(((0, 0),) + stairs[:-2], stairs[:-1])]
     per_seq = [math.ceil(age / bs) + 1 for age in ages]  # a sequence's blocks on each stair
     aged = [max_num_seqs * n for n in per_seq]

@@ -17,7 +17,7 @@ from afdserve.engine.llm import LLM, engine_config
 ENGINE_FLAGS = {
     "--model": "smollm2", "--dtype": "auto", "--max-model-len": None, "--seed": 0, "--block-size": 16,
     "--kv-cache-memory-gb": 1.0, "--num-kv-blocks": None, "--enable-prefix-caching": True,
-    "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,256:8,384:4,inf:2",
+    "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,512:8,inf:4",
     "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None,
     "--attention-backend": "auto", "--device": "auto", "--quantization": None,
 }

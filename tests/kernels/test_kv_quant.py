@@ -193,5 +193,5 @@ def test_stair_pools_take_at_most_half_the_budget_past_the_pinned_blocks():
                          parse_staircase("128:16,1024:8,4096:4,inf:2"), max_num_seqs=256,
                          max_num_batched_tokens=2048, budget_bytes=budget)
     assert budget / 2 * 0.99 <= spec.pool_bytes <= budget / 2
-    assert spec.stair_slots[0] >= 2048 // 16 + 2 * 256
+    assert spec.stair_slots[0] >= 2 * (2048 // 16)  # the blocks one step may write, pinned
     assert spec.num_blocks(budget) > 0
