@@ -224,14 +224,16 @@ class AFDExecutor:
 
     def _refresh_stage_times(self, ask: bool = True) -> None:
         """Keeps `latest_stage_times()` at most a second or so old without ever blocking: the request to the
-        workers goes out after a step, and its answer is picked up after a later step or by a reader."""
+        workers goes out after a step or from a reader, and its answer is picked up by the next of either."""
         with self._stage_times_lock:
             pending = self._stage_times_pending
             if pending is not None and len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) == len(pending):
                 self._stage_times_pending = None
                 try:
                     times = ray.get(pending)
-                    self._latest_stage_times = summarize(times[0], times[len(self.attention)])
+                    x = len(self.attention)
+                    self._latest_stage_times = summarize(times[0], times[x],
+                                                         {"attention": times[:x], "ffn": times[x:]})
                 except ray.exceptions.RayError as e:  # the step path replaces a dead worker; keep the last snapshot
                     logger.warning("AFD stage times not fetched (%s); /metrics keeps the last ones", type(e).__name__)
                 pending = None
@@ -240,8 +242,9 @@ class AFDExecutor:
                 self._stage_times_asked = time.monotonic()
 
     def latest_stage_times(self) -> dict | None:
-        """The last fetched `stage_times()` summary (None before the first step): cheap, for /metrics."""
-        self._refresh_stage_times(ask=False)
+        """The last fetched `stage_times()` summary (None before the first step): cheap, for /metrics. It also asks
+        for a newer one when due, so that an idle server's snapshot catches up with its last steps."""
+        self._refresh_stage_times()
         return self._latest_stage_times
 
     def stage_times(self) -> dict:
@@ -249,7 +252,8 @@ class AFDExecutor:
         each kind; `workers` has every worker's raw times)."""
         attention = ray.get([w.stage_times.remote() for w in self.attention])
         ffn = ray.get([w.stage_times.remote() for w in self.ffn])
-        return {**summarize(attention[0], ffn[0]), "workers": {"attention": attention, "ffn": ffn}}
+        return {**summarize(attention[0], ffn[0], {"attention": attention, "ffn": ffn}),
+                "workers": {"attention": attention, "ffn": ffn}}
 
     def worker_weight_bytes(self) -> dict:
         """Parameter bytes each worker holds: attention workers keep the attention side, FFN workers the MLPs /

@@ -97,6 +97,8 @@ class FFNWorker:
                     ids.append(recv((n, k), torch.int64, peer))
                     weights.append(recv((n, k), torch.float32, peer))
             routing = Routing(_cat(ids), _cat(weights)) if k else None
+            if routing is not None:
+                timer.count_expert_tokens(index, routing.topk_ids, layer.mlp.experts.num_global_experts)
             sliced = routing is not None and self._expert_sliced(layer, routing)
             out = timer.compute(layer.ffn_half, _cat(inputs), routing, sliced)
             for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):

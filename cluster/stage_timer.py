@@ -5,7 +5,7 @@ the receive side's share of a transfer cannot be told apart from waiting for the
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -17,6 +17,9 @@ class StageTimes:
     wait_s: float = 0.0  # blocked in recv: the other side's compute plus the transfer
     moe_ep_passes: int = 0  # sharded MoE layer passes run expert-parallel / expert-sliced (FFN workers, y > 1)
     moe_sliced_passes: int = 0
+    # FFN workers: per MoE layer (its index, as a string key), the token rows routed to each expert so far. Every
+    # FFN worker receives the whole routing, so each holds the same counts.
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,13 +54,20 @@ class StageTimer:
         else:
             self.times.moe_ep_passes += 1
 
+    def count_expert_tokens(self, layer: int, topk_ids, num_experts: int) -> None:
+        counts = topk_ids.reshape(-1).bincount(minlength=num_experts).tolist()
+        total = self.times.expert_tokens.setdefault(str(layer), [0] * num_experts)
+        for expert, count in enumerate(counts):
+            total[expert] += count
+
     def step_done(self, num_layers: int) -> None:
         self.times.steps += 1
         self.times.layers += num_layers
 
 
-def summarize(attention: dict, ffn: dict) -> dict:
-    """Per-layer averages and each worker's bubble (the fraction of its busy time spent waiting)."""
+def summarize(attention: dict, ffn: dict, workers: dict[str, list[dict]] | None = None) -> dict:
+    """Per-layer averages and the bubble (the fraction of busy time spent waiting) of attention worker 0 and FFN
+    worker 0; with `workers` (role -> every worker's times), the same per worker under "per_worker"."""
     def per_layer_ms(t: dict, key: str) -> float:
         return 1000 * t[key] / max(t["layers"], 1)
 
@@ -76,4 +86,8 @@ def summarize(attention: dict, ffn: dict) -> dict:
         "ffn_bubble": bubble(ffn),
         "moe_ep_passes": ffn["moe_ep_passes"],
         "moe_sliced_passes": ffn["moe_sliced_passes"],
+        "expert_tokens": ffn.get("expert_tokens", {}),
+        "per_worker": [{"role": role, "rank": rank, "compute_ms_per_layer": per_layer_ms(t, "compute_s"),
+                        "wait_ms_per_layer": per_layer_ms(t, "wait_s"), "bubble": bubble(t)}
+                       for role, times in (workers or {}).items() for rank, t in enumerate(times)],
     }

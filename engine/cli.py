@@ -174,6 +174,17 @@ def _bench_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    from afdserve.bench.soak import SoakSpec, format_soak_result, run_soak
+
+    spec = SoakSpec(args.base_url, args.model, args.server_pid, args.minutes, args.concurrency,
+                    kill_at_minute=args.kill_at_minute, seed=args.bench_seed)
+    result = run_soak(spec)
+    print(format_soak_result(result))
+    _write_json(args.json, result)
+    return 0 if result["lost"] == 0 and not result["kv_usage_after"] else 1
+
+
 def _bench_kinetics(args: argparse.Namespace) -> int:
     from afdserve.bench import kinetics
 
@@ -411,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     kin.add_argument("--plot", default=None, metavar="FILE.png")
     kin.add_argument("--json", default=None)
     kin.set_defaults(func=_bench_kinetics)
+    sk = bench_sub.add_parser("soak", help="minutes of mixed streaming load on a running server, with hang-ups and "
+                                           "an AFD worker kill: lost requests, leaked KV, RSS and p99 per minute")
+    sk.add_argument("--base-url", default="http://127.0.0.1:8000")
+    sk.add_argument("--model", default="smollm2", help="the served model name")
+    sk.add_argument("--server-pid", type=int, default=None, help="for RSS and the worker kill")
+    sk.add_argument("--minutes", type=float, default=20.0)
+    sk.add_argument("--concurrency", type=int, default=8)
+    sk.add_argument("--kill-at-minute", type=float, default=10.0, help="SIGKILL one ray::FFNWorker then")
+    sk.add_argument("--bench-seed", type=int, default=0)
+    sk.add_argument("--json", default=None)
+    sk.set_defaults(func=_bench_soak)
     tts = bench_sub.add_parser("tts", help="measured test-time scaling: Best-of-N and majority vote on few-shot "
                                            "addition, accuracy against the engine's eFLOPs and wall time")
     add_engine_args(tts)

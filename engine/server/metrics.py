@@ -7,8 +7,10 @@ Three sources:
     (`compute_flops_total{kind}`, `kv_read_bytes_total`, `compute_eflops_total`: the sums of what requests' `usage`
     reports as `afdserve_cost`, aborted and recomputed chunks included), read from `AsyncEngine.stats()` at scrape
     time by a collector, so nothing has to push it;
-  - with AFD, the per-layer attention / FFN / transfer times and each side's bubble (`afd_*`), from the executor's
-    snapshot (`AsyncEngine.stage_times()`, refreshed about once a second; cumulative averages since start).
+  - with AFD, the per-layer attention / FFN / transfer times and each side's bubble (`afd_*`, worker 0's), every
+    worker's compute and bubble (`afd_worker_*{role, rank}`) and the tokens routed to each expert
+    (`afd_expert_tokens_total{layer, expert}`), from the executor's snapshot (`AsyncEngine.stage_times()`,
+    refreshed about once a second; cumulative since start).
 
 Counting units: `request_success_total{finished_reason}` and the latency histograms count sequences (a request
 with n=2 counts 2, as vLLM's fanned-out child requests do); `request_aborts_total` counts requests. An aborted
@@ -173,6 +175,25 @@ class _EngineStatsCollector:
                 yield family(GaugeMetricFamily, f"afd_{side}_bubble_ratio",
                              f"AFD: fraction of the {side} workers' busy time spent waiting for the other side.",
                              afd[f"{side}_bubble"])
+            yield from self._afd_worker_families(afd)
+
+    def _afd_worker_families(self, afd: dict):
+        """Every AFD worker's compute and bubble (the families above are worker 0's), and the tokens routed to
+        each expert of each MoE layer."""
+        labels = ["model_name", "role", "rank"]
+        compute = GaugeMetricFamily(PREFIX + "afd_worker_compute_seconds_per_layer",
+                                    "AFD: each worker's compute per layer and step, mean since start.", labels=labels)
+        bubble = GaugeMetricFamily(PREFIX + "afd_worker_bubble_ratio",
+                                   "AFD: fraction of each worker's busy time spent waiting.", labels=labels)
+        for w in afd.get("per_worker", []):
+            compute.add_metric([self.model_name, w["role"], str(w["rank"])], w["compute_ms_per_layer"] / 1000)
+            bubble.add_metric([self.model_name, w["role"], str(w["rank"])], w["bubble"])
+        experts = CounterMetricFamily(PREFIX + "afd_expert_tokens", "AFD: token rows routed to each expert of each "
+                                      "MoE layer (top-k counts each pick).", labels=["model_name", "layer", "expert"])
+        for layer, counts in afd.get("expert_tokens", {}).items():
+            for expert, count in enumerate(counts):
+                experts.add_metric([self.model_name, layer, str(expert)], count)
+        yield from (compute, bubble, experts)
 
     def _sla_families(self, sla: SLAStats, family):
         """--tpot-slo-ms: the step-time model the scheduler's caps come from, and how often it held requests."""

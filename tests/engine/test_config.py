@@ -132,7 +132,7 @@ def test_help_says_what_a_flag_does(flag, words):
 def test_every_config_has_the_same_attributes_with_or_without_afd():
     assert (ParallelConfig().num_attention_workers, ParallelConfig().num_ffn_workers) == (0, 0)
     assert (ParallelConfig(afd="3a2f").num_attention_workers, ParallelConfig(afd="3a2f").num_ffn_workers) == (3, 2)
-    assert CacheConfig().stairs == [(128, 16), (256, 8), (384, 4), (float("inf"), 2)]
+    assert CacheConfig().stairs == [(128, 16), (512, 8), (float("inf"), 4)]
 
 
 def test_afd_settings_without_afd_are_refused_not_ignored():

@@ -92,6 +92,20 @@ def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, 
         assert 0 <= metric(samples, "afdserve:afd_ffn_bubble_ratio") < 1
         if model == "tiny-moe" and afd.endswith("2F"):  # sharded MoE passes, by how they ran
             assert metric(samples, "afdserve:afd_moe_layer_passes_total") > 0
+        x, y = int(afd[0]), int(afd[2])  # every worker reports, not worker 0 alone
+        workers = {(dict(labels)["role"], dict(labels)["rank"]) for (name, labels) in samples
+                   if name == "afdserve:afd_worker_compute_seconds_per_layer"}
+        assert workers == {("attention", str(r)) for r in range(x)} | {("ffn", str(r)) for r in range(y)}
+        if model == "tiny-moe":
+            # Each token row of each MoE layer picks top_k = 2 experts: the prompts' tokens, then one row per decode
+            # step but the last (11 of 12 tokens are fed back), and nothing else ran on this fresh server.
+            rows = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (MAX_TOKENS - 1)
+
+            def expert_tokens(layer: str):
+                return metric(server.metrics(), "afdserve:afd_expert_tokens_total", layer=layer)
+            # the snapshot catches up within a few scrapes; layer 1 is dense (mlp_only_layers)
+            assert wait_for(lambda: expert_tokens("0") == expert_tokens("2") == 2 * rows, timeout=10)
+            assert expert_tokens("1") == 0
 
 
 def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
