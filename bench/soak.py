@@ -45,7 +45,7 @@ class SoakSpec:
     seed: int = 0
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """`pid` and every process below it, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
@@ -83,7 +83,7 @@ def _cmdline(pid: int) -> str:
 
 def kill_ffn_worker(server_pid: int) -> int | None:
     """SIGKILLs the newest ray::FFNWorker below the server; its pid, or None if there is none."""
-    workers = [pid for pid in _tree(server_pid) if _cmdline(pid).startswith("ray::FFNWorker")]
+    workers = [pid for pid in process_tree(server_pid) if _cmdline(pid).startswith("ray::FFNWorker")]
     if not workers:
         return None
     os.kill(max(workers), signal.SIGKILL)
@@ -179,7 +179,7 @@ async def _run(spec: SoakSpec) -> dict:
                 await asyncio.sleep(1)
             metrics = await _metrics(client)
             minutes.append({"minute": minute + 1,
-                            "rss_mib": _rss_mib(_tree(spec.server_pid)) if spec.server_pid else None,
+                            "rss_mib": _rss_mib(process_tree(spec.server_pid)) if spec.server_pid else None,
                             "kv_usage": metrics.get("afdserve:kv_cache_usage_perc")})
         await load
         for m in minutes:  # by start minute, once every request has ended

@@ -80,9 +80,9 @@ def stop_local_ray() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + (3 if sig == signal.SIGTERM else 0)
-        while time.monotonic() < deadline and any(_alive(pid) for pid in left):
+        while time.monotonic() < deadline and any(process_alive(pid) for pid in left):
             time.sleep(0.1)
-        left = [pid for pid in left if _alive(pid)]
+        left = [pid for pid in left if process_alive(pid)]
         if not left:
             return
 
@@ -99,7 +99,7 @@ def _pids_holding(directory: str) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process exists and has not exited (a zombie has)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -11,6 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import AFDSERVE_COMMAND
+from afdserve.bench.soak import process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2"
@@ -101,20 +102,7 @@ def wait_for(condition, timeout: float = 30, interval: float = 0.1):
 
 def descendant_pids(pid: int) -> list[int]:
     """Every process below `pid` (Ray's raylet and its workers, for a server running AFD), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    return process_tree(pid)[1:]
 
 
 def command_line(pid: int) -> str:

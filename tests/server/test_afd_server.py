@@ -20,6 +20,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_tiny_model
+from afdserve.cluster.afd_executor import process_alive
 from afdserve import LLM, SamplingParams
 
 from .server_process import MODEL_NAME, ServerProcess, command_line, descendant_pids, metric, wait_for
@@ -152,20 +153,11 @@ def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
                            metric(m, "afdserve:num_requests_running") == 0 and m, timeout=30)
         assert metric(samples, "afdserve:kv_cache_usage_perc") == 0
         assert metric(samples, "afdserve:request_success_total", finished_reason="length") == 3
+        assert server.proc.poll() is None
         ray_processes = descendant_pids(server.proc.pid)
         assert any(command_line(pid).startswith("ray::") for pid in ray_processes)
     # The server started its own Ray, so it stops all of it on exit: raylet, GCS, workers and the raylet's agents
     # (ray::DashboardAgent, ray::RuntimeEnvAgent), which outlived the server before.
     assert server.proc.returncode == 0
-    left = wait_for(lambda: not [pid for pid in ray_processes if _running(pid)] or None, timeout=30)
-    assert left, [command_line(pid) for pid in ray_processes if _running(pid)]
-
-
-def _running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-        assert server.proc.poll() is None
+    left = wait_for(lambda: not [pid for pid in ray_processes if process_alive(pid)] or None, timeout=30)
+    assert left, [command_line(pid) for pid in ray_processes if process_alive(pid)]
