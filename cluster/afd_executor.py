@@ -193,6 +193,9 @@ class AFDExecutor:
                 ready, _ = ray.wait(futures, num_returns=len(futures), timeout=HEALTH_CHECK_S)
                 if len(ready) == len(futures):
                     return ray.get(futures)
+                # A dead attention worker's step is "ready" with its error while the others wait on the FFN side for
+                # its micro-batches, forever: raise it now.
+                ray.get(ready)
                 if not all(ray.get([w.ping.remote() for w in self.ffn], timeout=30)):
                     raise FFNServingStoppedError("an FFN worker's serving thread has stopped")
         except ray.exceptions.RayTaskError as e:  # the worker is alive, its step raised: a bug, not a lost worker

@@ -108,9 +108,11 @@ def generate_and_compare(llm, hf, prompts: list[list[int]], new_tokens: int, top
     return outs
 
 
-def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> None:
+def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30, atol: float = 1e-4,
+                            max_outliers: int = 0) -> None:
     """Drives the engine's runner directly: a `prefill`-token chunk, then the rest one decode step at a time; the
-    raw logits at every position equal transformers' forward within 1e-4."""
+    raw logits at every position equal transformers' forward within `atol`, at all but `max_outliers` positions
+    (a bf16 MoE: a token whose router sits on a near-tie picks other experts, in transformers' own bf16 forward too)."""
     from afdserve import SamplingParams
     from afdserve.engine.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
 
@@ -118,6 +120,7 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
     new = NewRequestData("r", tokens, [], SamplingParams(temperature=0), frozenset())
     blocks = list(range(-(-len(tokens) // llm.engine.config.cache.block_size)))
     chunks = [(0, prefill)] + [(p, 1) for p in range(prefill, len(tokens))]
+    errors = []  # per position: the largest logit error
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0]
         for start, n in chunks:
@@ -127,7 +130,9 @@ def assert_raw_logits_match(llm, hf, tokens: list[int], prefill: int = 30) -> No
             batch = runner.build_batch([item])
             hidden = runner.model(batch.input_ids, batch.positions, batch.meta, runner.kv_caches)
             logits = runner.model.compute_logits(hidden)
-            assert torch.allclose(logits, ref[start:start + n], atol=1e-4, rtol=0), (start, n)
+            errors += (logits.float() - ref[start:start + n]).abs().amax(-1).tolist()
+    outliers = [(position, error) for position, error in enumerate(errors) if error > atol]
+    assert len(outliers) <= max_outliers, outliers
 
 
 # ---- plain-torch references written from the math (no engine code), for models without a transformers oracle -----

@@ -16,13 +16,18 @@ from safetensors.torch import load_file, save_file
 
 from conftest import (TINY_COMMON, assert_raw_logits_match, generate_and_compare, make_tiny_model, randomize_weights,
                       write_byte_tokenizer)
-from afdserve import LLM, SamplingParams
+from afdserve import LLM
 from afdserve.models.layers.moe import MoEBlock
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7]]
 NEW_TOKENS = 16
 TOP = 5
 MLP_STD = 0.1  # FFN weights large enough that routing and experts dominate the logits
+# bf16 against the fp32 oracle (logits' std ~0.16): measured errors per position had a median of 0.006 and a 90th
+# percentile under 0.01, but for one position in 37 whose routing flipped (0.2-0.24, as in transformers' own bf16
+# forward); the oracle of another seed is off by 0.66 in the median.
+BF16_LOGIT_ATOL = 0.02
+BF16_ROUTING_FLIPS = 2
 
 CASES = {
     "mixtral": dict(arch="mixtral", num_local_experts=4, num_experts_per_tok=2),
@@ -165,11 +170,11 @@ def test_missing_or_extra_expert_tensor_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("case", ["mixtral", "deepseek-v3-gating"])
 def test_bf16_serving_keeps_deepseek_router_in_fp32(case, tmp_path):
-    """bf16 model, as transformers does it: DeepSeek gates and selection biases stay fp32, everything else is bf16."""
-    _make(case, tmp_path)
+    """bf16 model, as transformers does it: DeepSeek gates and selection biases stay fp32, everything else is bf16;
+    the logits of a prefill and the decodes after it stay within bf16's rounding of transformers' fp32 forward."""
+    hf = _make(case, tmp_path)
     llm = LLM(str(tmp_path), dtype="bfloat16", block_size=16)
-    out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    assert_raw_logits_match(llm, hf, list(range(3, 40)), atol=BF16_LOGIT_ATOL, max_outliers=BF16_ROUTING_FLIPS)
     model = llm.engine.core.executor.runner.model
     fp32 = {name for name, p in model.named_parameters() if p.dtype == torch.float32}
     if case == "mixtral":

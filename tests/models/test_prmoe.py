@@ -7,13 +7,15 @@ through the engine and through `afdserve serve`, against a plain-torch forward o
 """
 import json
 import math
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import assert_outputs_match_reference, greedy_tokens, moe_token, rms_norm, rope, swiglu, write_byte_tokenizer
+from conftest import (assert_outputs_match_reference, assert_raw_logits_match, greedy_tokens, moe_token, rms_norm,
+                      rope, swiglu, write_byte_tokenizer)
 from afdserve import LLM, SamplingParams
 from afdserve.models.hf_config import load_transformer_config
 from afdserve.models.layers.moe import MoEBlock
@@ -211,13 +213,16 @@ def test_prmoe_serves_through_afdserve_serve(tiny_prmoe, tmp_path):
     assert body["choices"][0]["logprobs"]["tokens"] == [f"<{t}>" for t in expected]
 
 
-def test_prmoe_generates_in_bfloat16(tiny_prmoe):
-    model_dir, _, _ = tiny_prmoe
+def test_prmoe_runs_in_bfloat16_within_rounding_of_the_reference(tiny_prmoe):
+    """Every parameter bf16; the logits of a prefill and the decodes after it within bf16's rounding of the fp32
+    reference (logits' std ~1.1; measured per-position errors: median 0.042, 90th percentile 0.059, largest 0.18,
+    from a routing flip), with two positions allowed a flipped routing."""
+    model_dir, w, cfg = tiny_prmoe
     llm = LLM(str(model_dir), dtype="bfloat16", block_size=16)
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
     model = llm.engine.core.executor.runner.model
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    oracle = lambda ids: SimpleNamespace(logits=reference_logits(w, cfg, ids[0].tolist())[None])  # noqa: E731
+    assert_raw_logits_match(llm, oracle, list(range(3, 40)), atol=0.12, max_outliers=2)
 
 
 def test_prmoe_through_afd_1a1f_equals_local(tiny_prmoe):
