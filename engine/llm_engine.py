@@ -123,7 +123,10 @@ class LLMEngine:
                              f"which leaves no room for output")
         if params.max_tokens is None:
             return room
-        return min(params.max_tokens, room)
+        if params.max_tokens > room:  # the server's 400, not a silently shorter output
+            raise ValueError(f"prompt is {prompt_len} tokens and max_tokens {params.max_tokens}: "
+                             f"{prompt_len + params.max_tokens} tokens, over the context length {self.max_model_len}")
+        return params.max_tokens
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_requests(self.output_processor.abort(request_id))

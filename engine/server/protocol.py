@@ -56,6 +56,9 @@ class SamplingRequest(OpenAIModel):
     def _check_shared(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise ValueError("stream_options with continuous_usage_stats is not served: usage comes once, in the "
+                             "final chunk (include_usage)")
         return self
 
     @property
@@ -168,7 +171,10 @@ class ChatMessage(OpenAIModel):
             text = "\n".join(part.text for part in self.content)  # vLLM joins text parts the same way
         else:
             text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.name is not None:  # for templates that render it, as vLLM passes it
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):

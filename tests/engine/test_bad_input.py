@@ -65,7 +65,13 @@ def test_prompt_longer_than_context(llm):
     for length in (CONTEXT + 1, CONTEXT):  # the latter fits, but leaves no room for one output token
         with pytest.raises(ValueError, match=rf"prompt is {length} tokens; the context length is {CONTEXT}"):
             llm.generate([[5] * length], use_tqdm=False)
-    out = llm.generate([[5] * (CONTEXT - 1)], greedy(10), use_tqdm=False)[0].outputs[0]
+    # max_tokens past the context is refused, as the server's 400 does, not clipped to a shorter output...
+    with pytest.raises(ValueError, match=rf"max_tokens 10: {CONTEXT + 9} tokens, over the context length {CONTEXT}"):
+        llm.generate([[5] * (CONTEXT - 1)], greedy(10), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    # ...while no max_tokens means "up to the context".
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    out = llm.generate([[5] * (CONTEXT - 1)], params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 1 and out.finish_reason == "length"
 
 
