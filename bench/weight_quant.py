@@ -2,7 +2,7 @@
 
 The text and the perplexity are bench/kv_quant.py's (pydoc_data.topics, prefilled in chunks with prompt logprobs);
 only the weights change between rows, the KV cache stays in the model dtype. Speed is a separate run of
-`afdserve bench throughput --quantization int8 --concurrency 1` (batch-1 TPOT), since the two want different loads.
+`afdserve bench throughput --quantization int8|int4 --concurrency 1` (batch-1 TPOT), since the two want different loads.
 """
 from __future__ import annotations
 

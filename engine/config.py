@@ -22,7 +22,7 @@ def option(default: Any, help: str, **cli: Any) -> Any:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass
@@ -37,7 +37,8 @@ class ModelConfig:
     # Resolved in __post_init__, so a config always names a concrete device.
     device: str = option("auto", "auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     quantization: str | None = option(None, "weight-only quantization of the linear layers and the LM head: int8 "
-                                            "(per-channel scales; CPU); MoE experts keep the model dtype",
+                                            "(per-channel scales) or int4 (a scale and zero per 32 input channels, "
+                                            "for small batches); CPU; MoE experts keep the model dtype",
                                       choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
@@ -53,7 +54,7 @@ class ModelConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
                              f"got {self.quantization!r}")
         if self.quantization is not None and self.device != "cpu":
-            raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's int8 weight-only kernel); "
+            raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's weight-only CPU kernels); "
                              f"leave it unset on {self.device}")
 
 
@@ -244,6 +245,9 @@ class EngineConfig:
         if self.scheduler.tpot_slo_ms is not None and self.parallel.num_attention_workers > 1:
             raise ValueError(f"tpot_slo_ms caps one scheduler's batch; afd {self.parallel.afd} schedules "
                              f"{self.parallel.num_attention_workers} attention ranks (use x = 1, or leave it out)")
+        if self.model.quantization == "int4" and self.parallel.num_ffn_workers > 1:
+            raise ValueError(f"quantization 'int4' packs groups of input channels that FFN sharding would split; afd "
+                             f"{self.parallel.afd} has {self.parallel.num_ffn_workers} FFN workers (use y = 1, or int8)")
         if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
                              f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")

@@ -20,7 +20,7 @@ from torch import nn
 from afdserve.kernels.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
-from afdserve.kernels.quant_linear import int8_linear, quantize_int8_per_channel
+from afdserve.kernels.quant_linear import quantize_weight, quantized_linear
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mfa import MFAttention
 from afdserve.models.layers.mlp import GatedMLP
@@ -151,7 +151,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_tied_head: torch.Tensor | None = None
-        self.int8_tied_head: tuple[torch.Tensor, torch.Tensor] | None = None  # --quantization int8: (codes, scales)
+        # --quantization: the tied head's (quantization, codes, scales)
+        self.quantized_tied_head: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def prune_to_role(self, role: str) -> None:
         """Keeps one side of attention-FFN disaggregation, before the weights are loaded. "attention": embeddings,
@@ -199,14 +200,14 @@ class LlamaForCausalLM(nn.Module):
         # embedding lookup keeps the table as it is.
         if self.embed_tokens is not None and self.lm_head is None:
             tied = self.embed_tokens.weight
-            if quantization == "int8":
-                self.int8_tied_head = quantize_int8_per_channel(tied)
+            if quantization is not None:
+                self.quantized_tied_head = (quantization, *quantize_weight(tied, quantization))
             else:
                 self.packed_tied_head = prepack(tied) if can_prepack(tied) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        if self.int8_tied_head is not None:
-            return int8_linear(hidden, *self.int8_tied_head, None).float()
+        if self.quantized_tied_head is not None:
+            return quantized_linear(hidden, *self.quantized_tied_head, None).float()
         return linear(hidden, self.embed_tokens.weight, None, self.packed_tied_head).float()

@@ -27,6 +27,9 @@ class GatedMLP(nn.Module):
 
         An int8 layer keeps its codes and per-output-channel scales: gate and up rows take their rows' scales,
         down's column slice keeps every scale, so a shard computes exactly its part of the unsharded product."""
+        if self.down_proj.quantization not in (None, "int8"):
+            raise ValueError(f"an FFN shard keeps full-precision or int8 linears; {self.down_proj.quantization}'s "
+                             f"packed groups are not split")
         lo, hi = shard_range(self.down_proj.in_features, rank, world)
         gate, up = self.gate_up_proj.weight.detach().chunk(2)
         scale = self.gate_up_proj.weight_scale
@@ -54,6 +57,7 @@ def _linear_from(weight: torch.Tensor, scale: torch.Tensor | None = None) -> Lin
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if scale is not None:
         linear.weight_scale = nn.Parameter(scale.detach(), requires_grad=False)
+        linear.quantization = "int8"
     else:
         linear.prepare_for_inference()
     return linear

@@ -1,10 +1,11 @@
-"""Weight-only int8 linears: the quantizer against its formula, and torch's fused CPU kernel against the
+"""Weight-only int8 and int4 linears: the quantizers against their formulas, and torch's fused CPU kernels against the
 dequantize-then-F.linear reference and against the unquantized product."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from afdserve.kernels.quant_linear import int8_linear, int8_linear_reference, quantize_int8_per_channel
+from afdserve.kernels.quant_linear import (int4_linear, int8_linear, int8_linear_reference, quantize_int4_grouped,
+                                             quantize_int8_per_channel)
 
 
 def test_per_channel_codes_and_scales_follow_the_formula():
@@ -42,3 +43,38 @@ def test_leading_dimensions_and_a_strided_input_are_kept():
     out = int8_linear(x, codes, scales, None)
     assert out.shape == (3, 5, 24)
     torch.testing.assert_close(out, int8_linear_reference(x, codes, scales, None), atol=1e-4, rtol=1e-4)
+
+
+# ---- int4: llama.cpp's Q4_1 per group of 32 input channels, in torch's CPU int4 kernel ----------------------------
+def q4_1_dequantized(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """The formula, without the engine's code: per group, scale = (max - min) / 15, codes round((w - min) / scale)
+    in [0, 15], and the weight (code - 8) * scale + (min + 8 * scale) with scale and zero rounded to bf16."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    codes = ((g - lo) / scale).round().clamp(0, 15)
+    scale_bf, zero_bf = scale.bfloat16().float(), (lo + 8 * scale).bfloat16().float()
+    return ((codes - 8) * scale_bf + zero_bf).view(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_equals_the_q4_1_formula(rows, dtype):
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 128) * torch.logspace(-2, 0, 96)[:, None], torch.randn(96)
+    x = torch.randn(rows, 128).to(dtype)
+    codes, scales = quantize_int4_grouped(w)
+    assert codes.dtype == torch.uint8 and codes.numel() == w.numel() // 2 and scales.shape == (4, 96, 2)
+    got = int4_linear(x, codes, scales, bias.to(dtype))
+    ref = (F.linear(x.bfloat16().float(), q4_1_dequantized(w)).bfloat16().to(dtype) + bias.to(dtype)).float()
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=1e-2)  # equal here; a bf16 ulp of slack for order
+    # And 4 bits' distance from the unquantized layer: ~8% of each output's norm for Gaussian weights.
+    exact = F.linear(x.float(), w, bias.to(dtype).float())
+    assert (got.float() - exact).norm() / exact.norm() < 0.15
+
+
+def test_int4_needs_whole_groups():
+    with pytest.raises(ValueError, match="groups of 32 input channels; this linear has 48"):
+        quantize_int4_grouped(torch.randn(16, 48))

@@ -1,7 +1,7 @@
-"""--quantization int8 on tiny random Llamas against transformers whose linears are replaced by the formula, written
-here without the engine's code: per output channel s = max|w| / 127 and codes round(w / s); the product reads its
-input rounded to bf16 and rounds its output to bf16 (the kernel's activation dtype, kernels/quant_linear.py), the
-bias added after. Greedy tokens equal and logprobs within 5e-3 (fp32 model; the slack is bf16 rounding ties: ~2e-3
+"""--quantization int8 and int4 on tiny random Llamas against transformers whose linears are replaced by the formula,
+written here without the engine's code: int8 per output channel s = max|w| / 127 and codes round(w / s); int4
+llama.cpp's Q4_1 per group of 32 input channels (int4_formula); the product reads its input rounded to bf16 and
+rounds its output to bf16 (the kernels' activation dtype, kernels/quant_linear.py), the bias added after. Greedy tokens equal and logprobs within 5e-3 (fp32 model; the slack is bf16 rounding ties: ~2e-3
 seen). The tied variant checks that the LM head is quantized while the embedding lookup keeps the table as it is."""
 import pytest
 import torch
@@ -26,13 +26,31 @@ def int8_formula(module: nn.Linear):
     return forward
 
 
-def quantize_like_the_formula(hf) -> None:
+def int4_formula(module: nn.Linear):
+    """llama.cpp's Q4_1 per group of 32 input channels: scale = (max - min) / 15, codes round((w - min) / scale),
+    the weight (code - 8) * scale + (min + 8 * scale) with scale and zero rounded to bf16; bf16 in and out."""
+    w = module.weight.detach().clone()
+    n, k = w.shape
+    g = w.view(n, k // 32, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    codes = ((g - lo) / scale).round().clamp(0, 15)
+    weight = ((codes - 8) * scale.bfloat16().float() + (lo + 8 * scale).bfloat16().float()).view(n, k)
+    bias = None if module.bias is None else module.bias.detach().clone()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = (x.bfloat16().float() @ weight.T).bfloat16().to(x.dtype)
+        return out if bias is None else out + bias
+    return forward
+
+
+def quantize_like_the_formula(hf, formula=int8_formula) -> None:
     """Every linear of the decoder layers and the LM head computed by the formula; a tied head gets its own."""
     for layer in hf.model.layers:
         for module in layer.modules():
             if isinstance(module, nn.Linear):
-                module.forward = int8_formula(module)
-    hf.lm_head.forward = int8_formula(hf.lm_head)
+                module.forward = formula(module)
+    hf.lm_head.forward = formula(hf.lm_head)
 
 
 @pytest.mark.parametrize("case", [dict(), dict(tie_word_embeddings=True, attention_bias=True)])
@@ -48,7 +66,19 @@ def test_int8_model_matches_transformers_with_rounded_weights(case, tmp_path):
     assert weight_bytes(model) < full_bytes  # int8 codes and fp32 scales instead of fp32 weights
 
 
+@pytest.mark.parametrize("case", [dict(), dict(tie_word_embeddings=True, attention_bias=True)])
+def test_int4_model_matches_transformers_with_q4_1_weights(case, tmp_path):
+    hf = make_tiny_model(tmp_path, "llama", **case)
+    quantize_like_the_formula(hf, int4_formula)
+    with LLM(str(tmp_path), dtype="float32", block_size=16, quantization="int4") as llm:
+        generate_and_compare(llm, hf, PROMPTS, new_tokens=16, top=5, atol=5e-3)
+        model = llm.engine.core.executor.runner.model
+        assert model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
+
+
 def test_quantization_is_refused_off_the_cpu_and_unknown_names_clearly():
-    from afdserve.engine.config import ModelConfig
-    with pytest.raises(ValueError, match="quantization must be one of int8"):
+    from afdserve.engine.config import EngineConfig, ModelConfig, ParallelConfig
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4"):
         ModelConfig(quantization="int3")
+    with pytest.raises(ValueError, match="FFN sharding would split; afd 1A2F has 2 FFN workers"):
+        EngineConfig(model=ModelConfig(quantization="int4"), parallel=ParallelConfig(afd="1A2F"))
