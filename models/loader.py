@@ -148,7 +148,7 @@ def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_
     """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference.
     role: None for the whole model, or "attention" / "ffn" for one side of an AFD deployment (prune_to_role).
     ffn_shard: (index, count) of an FFN worker among several: it keeps its shard of every MLP / MoE block.
-    quantization: None, or "int8" (weight-only; engine/config.QUANTIZATIONS), applied to what this process keeps.
+    quantization: None, "int8" or "int4" (weight-only; engine/config.QUANTIZATIONS), applied to what this process keeps.
     The weights are read on the host, cast, moved to `device`, packed or quantized for inference, then sharded."""
     model = build_model(cfg, max_positions, attention)
     if role is not None:
