@@ -14,8 +14,8 @@ int4 (`--quantization int4`): llama.cpp's Q4_1 layout in torch's CPU int4 kernel
 input channels of an output channel gets an asymmetric min/max code q in [0, 15] with a scale s = (max - min) / 15
 and a zero z = min + 8 s, both bf16, and w ~ (q - 8) s + z, which is how `_weight_int4pack_mm_for_cpu` dequantizes
 (0.625 bytes a weight with the scales). Measured on a 2-core AMD EPYC with AVX-512 BF16, 64 linears of [1536, 576]:
-batch 1 takes 1.9 ms in int4 against 4.6 ms in int8 and 5.9 ms prepacked bf16; at 32 rows int4 takes 22 ms against
-12 ms bf16, so it is a small-batch format.
+batch 1 takes 1.9 ms in int4 against 3.9 ms in int8 and 4.9 ms prepacked bf16; at 32 rows int4 takes 22 ms against
+12 ms bf16 (int8 32 ms), so it is a small-batch format.
 """
 from __future__ import annotations
 
