@@ -41,14 +41,21 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (fp32, bf16 or fp16) times the int8 weight: [..., N] in x's dtype; the bias added in it."""
+def _weight_only_product(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, kernel) -> torch.Tensor:
+    """x [..., K] (fp32, bf16 or fp16) as contiguous rows in the activation dtype through `kernel(rows, compute
+    dtype) -> [rows, N]`; the result in x's dtype and leading shape, the bias added in it."""
     compute = activation_dtype(x)
     rows = x.reshape(-1, x.shape[-1]).to(compute).contiguous()
-    out = torch._weight_int8pack_mm(rows, codes, scales.to(compute)).to(x.dtype)
+    out = kernel(rows, compute).to(x.dtype)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], codes.shape[0])
+    return out.view(*x.shape[:-1], out_features)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (fp32, bf16 or fp16) times the int8 weight: [..., N] in x's dtype; the bias added in it."""
+    return _weight_only_product(x, codes.shape[0], bias,
+                                lambda rows, compute: torch._weight_int8pack_mm(rows, codes, scales.to(compute)))
 
 
 def int8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -79,12 +86,8 @@ def quantize_int4_grouped(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] times the int4 weight: [..., N] in x's dtype, the activations read in bf16 (as int8_linear)."""
-    compute = activation_dtype(x)
-    rows = x.reshape(-1, x.shape[-1]).to(compute).contiguous()
-    out = torch._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros.to(compute)).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], packed.shape[0])
+    return _weight_only_product(x, packed.shape[0], bias, lambda rows, compute: torch._weight_int4pack_mm_for_cpu(
+        rows, packed, INT4_GROUP, scales_and_zeros.to(compute)))
 
 
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor]:
