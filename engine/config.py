@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from afdserve.kernels.attention import ATTENTION_BACKENDS
+from afdserve.kernels.attention.sparse.registry import POLICY_NAMES, make_policy
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -40,9 +41,20 @@ class ModelConfig:
                                             "(per-channel scales) or int4 (a scale and zero per 32 input channels, "
                                             "for small batches); CPU; MoE experts keep the model dtype",
                                       choices=QUANTIZATIONS)
+    attention_policy: str = option("dense", "which KV pages a decode query reads: dense (every page), or a sparse "
+                                            "policy: quest, delta, prflash (kernels/attention/sparse)",
+                                   choices=POLICY_NAMES)
+    # A JSON text from the CLI; from Python, a dict as well (kernels/attention/sparse/registry.parse_policy_params).
+    attention_policy_config: str | None = option(None, "the policy's parameters as a JSON object, e.g. "
+                                                       "'{\"budget_pages\": 32}'; default: the policy's own",
+                                                 metavar="JSON")
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+        if self.attention_policy_config is not None and self.attention_policy == "dense":
+            raise ValueError("attention_policy_config: set, but attention_policy is 'dense', which takes none; name "
+                             "a policy (quest, delta, prflash) or leave it out")
+        make_policy(self.attention_policy, self.attention_policy_config)  # a bad name or parameter fails here
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -248,6 +260,10 @@ class EngineConfig:
         if self.model.quantization == "int4" and self.parallel.num_ffn_workers > 1:
             raise ValueError(f"quantization 'int4' packs groups of input channels that FFN sharding would split; afd "
                              f"{self.parallel.afd} has {self.parallel.num_ffn_workers} FFN workers (use y = 1, or int8)")
+        if self.model.attention_policy != "dense" and self.cache.kv_cache_dtype in ("int4", "saq"):
+            raise ValueError(f"attention_policy {self.model.attention_policy!r} picks KV blocks by id, which the "
+                             f"staircase of kv_cache_dtype {self.cache.kv_cache_dtype!r} moves between stores; use "
+                             f"kv_cache_dtype auto, fp8_e4m3 or int8 with it")
         if self.model.attention_backend == "triton" and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_backend 'triton' reads full-precision, int8 or fp8_e4m3 KV; kv_cache_dtype "
                              f"{self.cache.kv_cache_dtype!r} (a staircase of stores) needs attention_backend 'torch'")

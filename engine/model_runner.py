@@ -17,6 +17,9 @@ from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
 from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairView, KVStepPlan, kv_cache_spec
+from afdserve.kernels.attention.sparse.policy import AttentionPolicy, KVLayout, PolicyStep
+from afdserve.kernels.attention.sparse.registry import make_policy
+from afdserve.kernels.attention.sparse.selection import DecodeBatch
 from afdserve.kernels.attention.torch_paged import decode_mask_bias
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
 from afdserve.models.loader import load_model
@@ -76,9 +79,21 @@ class ModelRunner:
         attention = select_attention_backend(config.model.attention_backend, self.device)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
                                 self.model_role, quantization=config.model.quantization)
+        self.attention_policy = self._make_attention_policy(num_kv_blocks)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages
+
+    def _make_attention_policy(self, num_blocks: int) -> AttentionPolicy | None:
+        """--attention-policy, its state allocated beside the KV blocks; None for dense attention."""
+        model = self.config.model
+        if model.attention_policy == "dense":
+            return None
+        policy = make_policy(model.attention_policy, model.attention_policy_config)
+        cfg = self.model_config
+        policy.allocate(KVLayout(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                 self.dtype, self.device))
+        return policy
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
         """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
@@ -118,7 +133,7 @@ class ModelRunner:
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
         bs = self.block_size
         input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        decode_tables, decode_lens, decode_seeds, prefills = [], [], [], []
         write_slot = self.write_slot_of
         for i in order:
             item = scheduled[i]
@@ -133,6 +148,7 @@ class ModelRunner:
             if n == 1:
                 decode_tables.append(blocks)
                 decode_lens.append(seq_len)
+                decode_seeds.append(state.sampling_params.seed or 0)
             else:
                 prefills.append(PrefillSeq(row, n, seq_len, self._tensor(blocks[:-(-seq_len // bs)])))
             wants_prompt_logprobs = bool(self._prompt_logprob_positions(item))
@@ -152,6 +168,9 @@ class ModelRunner:
             decode_seq_lens=seq_lens,
             kv_plan=kv_plan,
         )
+        if self.attention_policy is not None:
+            decodes = DecodeBatch(meta.decode_block_tables, seq_lens, bs, self._tensor(decode_seeds))
+            meta.policy_step = PolicyStep(self.attention_policy, decodes)
         return FlatBatch(order, self._tensor(input_ids), self._tensor(positions), meta, logits_rows, wants_prompt)
 
     def _tensor(self, values: list) -> torch.Tensor:

@@ -47,8 +47,9 @@ class LlamaVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend):
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -70,17 +71,17 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        out = self.attn(q, k, v, kv_cache, meta, self.scale)
+        out = self.attn(q, k, v, kv_cache, meta, self.scale, self.layer_index)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend,
+    def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, attention: AttentionBackend, layer_index: int,
                  moe: MoEConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = (MFAttention(cfg, variant.share_q_dim, attention) if variant.share_q_dim else
-                          LlamaAttention(cfg, variant, attention))
+        self.self_attn = (MFAttention(cfg, variant.share_q_dim, attention, layer_index) if variant.share_q_dim else
+                          LlamaAttention(cfg, variant, attention, layer_index))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.top_k = 0 if moe is None else moe.router.top_k  # experts per token (the FFN side needs only this)
         if moe is None:
@@ -138,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         attention = attention or TorchPagedAttention()
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, variant, attention, None if moe is None else moe.for_layer(i))
+            LlamaDecoderLayer(cfg, variant, attention, i, None if moe is None else moe.for_layer(i))
             for i in range(cfg.num_layers))
         if moe is not None:
             self.param_renames = [*moe.hf_renames, ("mlp.gate.weight", "router.gate.weight")]

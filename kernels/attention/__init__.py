@@ -1,6 +1,7 @@
 """Attention backends over the paged KV cache. See metadata.py for the per-step batch description.
 
-Backends share one call: backend(q, k, v, kv_cache, meta, scale) -> out. `torch_paged` is the CPU backend and the
+Backends share one call: backend(q, k, v, kv_cache, meta, scale, layer) -> out, `layer` being the caller's index
+(attention policies keep per-layer state, kernels/attention/sparse/). `torch_paged` is the CPU backend and the
 reference; `triton_paged` the CUDA one. `select_attention_backend` picks one per device; triton_paged is imported only
 when chosen, so CPU runs never import Triton."""
 import importlib.util
@@ -11,7 +12,7 @@ import torch
 from afdserve.kernels.attention.metadata import AttentionMetadata, PrefillBatch, PrefillSeq
 from afdserve.kernels.attention.torch_paged import TorchPagedAttention, kv_cache_shape, write_kv
 
-AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, int],
                             torch.Tensor]
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from afdserve.kernels.attention.sparse.policy import PolicyStep
 
 
 @dataclass
@@ -42,6 +45,8 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     kv_plan: object | None = None  # int4 / saq KV caches: the step's kv_tiers.KVStepPlan, replayed by every layer
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: tokens with KV after this step
+    # The attention policy's calls for this step (kernels/attention/sparse/policy.py); None: every page, no policy.
+    policy_step: PolicyStep | None = None
 
     @functools.cached_property
     def prefill_batch(self) -> PrefillBatch:

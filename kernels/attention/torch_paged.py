@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from afdserve.kernels.attention.metadata import AttentionMetadata
+from afdserve.kernels.attention.sparse.selection import selected_mask_bias
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -49,20 +50,38 @@ def decode_mask_bias(seq_lens: torch.Tensor, width: int) -> torch.Tensor:
     return torch.zeros(pad.shape, device=seq_lens.device).masked_fill_(pad, float("-inf")).unsqueeze(1)
 
 
+def gather_kv_per_head(kv_cache, block_tables: torch.Tensor) -> torch.Tensor:
+    """K and V of each KV head's own blocks, block_tables [B, kv_heads, n]: [2, B, kv_heads, n * block_size, hd]."""
+    num_seqs, kv_heads, n = block_tables.shape
+    if isinstance(kv_cache, torch.Tensor):
+        heads = torch.arange(kv_heads, device=block_tables.device)[None, :, None]
+        return kv_cache[:, heads, block_tables].view(2, num_seqs, kv_heads, -1, kv_cache.shape[-1])
+    # A quantized cache dequantizes whole blocks (all heads): gather the lot, keep each head's own.
+    kv = kv_cache.gather(block_tables.reshape(-1))  # [2, kv_heads, B * kv_heads * n * bs, hd]
+    kv = kv.view(2, kv_heads, num_seqs, kv_heads, -1, kv.shape[-1])
+    return torch.diagonal(kv, dim1=1, dim2=3).permute(0, 1, 4, 2, 3)
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      mask_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, hd] -> [B, heads, hd].
 
-    block_tables: [B, n] (padded); mask_bias: [B, 1, n * block_size], 0 for real tokens and -inf for padding."""
+    block_tables: [B, n] (padded) read by every KV head, or [B, kv_heads, n], each head's own pages (an attention
+    policy's, kernels/attention/sparse); mask_bias: [B, 1 or kv_heads, n * block_size], 0 for real tokens (or a
+    page's log-weight) and -inf for padding."""
     num_seqs, num_heads, head_dim = q.shape
-    kv = gather_kv(kv_cache, block_tables.reshape(-1))  # [2, kvh, B * L, hd]
-    kv_heads = kv.shape[1]
-    k, v = kv.view(2, kv_heads, num_seqs, -1, head_dim).transpose(1, 2).to(q.dtype)  # each [B, kvh, L, hd]
+    if block_tables.dim() == 2:
+        kv = gather_kv(kv_cache, block_tables.reshape(-1))  # [2, kvh, B * L, hd]
+        kv_heads = kv.shape[1]
+        k, v = kv.view(2, kv_heads, num_seqs, -1, head_dim).transpose(1, 2).to(q.dtype)  # each [B, kvh, L, hd]
+    else:
+        kv_heads = block_tables.shape[1]
+        k, v = gather_kv_per_head(kv_cache, block_tables).to(q.dtype)
     # A KV head's query heads are its group's rows of one plain attention ([B, kvh, group, hd]), not SDPA's
     # enable_gqa: on an AVX-512 host without AMX that made a bf16 decode of 32 x 256 tokens 4.3 ms against 0.68 ms
-    # grouped (fp32: 0.63 and 0.62 ms). The mask ([B, 1, 1, L]) is the same for every row of a sequence.
+    # grouped (fp32: 0.63 and 0.62 ms). The mask ([B, 1 or kvh, 1, L]) is the same for every row of a group.
     grouped_q = q.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask_bias.unsqueeze(1).to(q.dtype), scale=scale)
+    out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask_bias.unsqueeze(2).to(q.dtype), scale=scale)
     return out.view(num_seqs, num_heads, head_dim)
 
 
@@ -87,18 +106,26 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.
 
 
 class TorchPagedAttention:
-    """The attention backend interface: write this step's K/V, then attend over each sequence's blocks."""
+    """The attention backend interface: write this step's K/V, then attend over each sequence's blocks (or, for
+    decodes under an attention policy, the blocks it chose)."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                 meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:
         # All K/V first: a request may attend to blocks another request of the same step is writing (prefix hits).
         store_kv(kv_cache, k, v, meta)
+        policy = meta.policy_step
+        if policy is not None:
+            policy.on_write(layer, k, meta.slot_mapping)
         nd = meta.num_decodes
+        decode_args = meta.decode_block_tables, meta.decode_mask_bias
+        chosen = policy.decode_blocks(layer, q[:nd], kv_cache, scale) if nd and policy is not None else None
+        if chosen is not None:
+            decode_args = chosen.block_tables, selected_mask_bias(chosen, meta.block_size)
         if not meta.prefills:
-            return decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale)
+            return decode_attention(q, kv_cache, *decode_args, scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = decode_attention(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale)
+            out[:nd] = decode_attention(q[:nd], kv_cache, *decode_args, scale)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
             out[rows] = prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale)

@@ -8,7 +8,10 @@ at position seq_len - n + i and seeing the keys at positions <= its own (a decod
                head h*G + r % G), padded to >= 16 for tl.dot and masked: a K/V tile is loaded once per KV head
                and serves all G heads of its group (GQA/MQA packing).
         keys   tokens [0, kv_end) of s, BLOCK_N per tile, token t read at (block_tables[s, t // P], t % P);
-               online softmax in base 2 (scores * scale * log2 e), fp32 accumulators.
+               online softmax in base 2 (scores * scale * log2 e), fp32 accumulators. Under an attention
+               policy (kernels/attention/sparse) a decode's KV head h has a table and a length of its own
+               (block_tables[s, h], seq_lens[s, h]: the kept pages laid end to end) and optionally a log-weight
+               per kept page added to its tokens' logits; dense tables are the same for every head (stride 0).
         split  with NUM_SPLITS > 1 (FlashDecoding) the program takes its 1/NUM_SPLITS of [0, kv_end) and
                writes (o_split normalized by its own sum, lse_split) in fp32; _merge_splits_kernel then takes
                o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s (empty splits: lse = -inf).
@@ -79,16 +82,16 @@ def _load_kv_scales(scale_base_ptr, block_ids, token_offsets, n_mask, stride_sbl
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, kv_ptr, kv_scale_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
-        query_start_ptr, scale_log2,
+        page_weights_ptr, query_start_ptr, scale_log2,
         stride_qt, stride_qh, stride_qd,
         stride_kv, stride_kvh, stride_blk, stride_tok, stride_kd,
         stride_skv, stride_skh, stride_sblk, stride_stok,
         stride_ot, stride_oh, stride_od,
-        stride_bt,
+        stride_bt, stride_bth, stride_sls, stride_slh, stride_pws, stride_pwh,
         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        KV_QUANT: tl.constexpr, KEYS_D_MAJOR: tl.constexpr, DOT_FP32: tl.constexpr):
+        KV_QUANT: tl.constexpr, KEYS_D_MAJOR: tl.constexpr, DOT_FP32: tl.constexpr, PAGE_WEIGHTS: tl.constexpr):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -97,7 +100,8 @@ def _paged_attention_kernel(
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # int32 key positions and loop bounds, long or int input
+    # int32 key positions and loop bounds, long or int input
+    seq_len = tl.load(seq_lens_ptr + seq * stride_sls + kv_head * stride_slh).to(tl.int32)
 
     offs_m = tl.arange(0, BLOCK_M)
     tok = q_tile * BLOCK_Q + offs_m // GROUP  # query index within the chunk
@@ -126,7 +130,8 @@ def _paged_attention_kernel(
     k_scale_base = kv_scale_ptr + kv_head.to(tl.int64) * stride_skh
     v_scale_base = k_scale_base + stride_skv
     kv_ty = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt + kv_head * stride_bth
+    page_weights = page_weights_ptr + seq.to(tl.int64) * stride_pws + kv_head * stride_pwh
     for start in range(kv_start, kv_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_stop
@@ -147,6 +152,8 @@ def _paged_attention_kernel(
         # key_limit <= kv_end, and a tile never crosses into the next split (splits are whole tiles), so the causal
         # test alone also masks the tile's tokens past kv_stop.
         s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
+        if PAGE_WEIGHTS:
+            s = s + (tl.load(page_weights + offs_n // PAGE, mask=n_mask, other=0.0) * 1.4426950408889634)[None, :]
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -245,7 +252,7 @@ def num_kv_splits(num_programs: int, num_key_tiles: int, num_sms: int, max_split
 
 def decode_num_splits(num_seqs: int, kv_cache: torch.Tensor, block_tables: torch.Tensor, block_n: int) -> int:
     """num_kv_splits for a decode batch, block_tables' width standing for the longest sequence (no host sync)."""
-    key_tiles = triton.cdiv(block_tables.shape[1] * kv_cache.shape[3], block_n)
+    key_tiles = triton.cdiv(block_tables.shape[-1] * kv_cache.shape[3], block_n)
     # The interpreter runs programs one after another: splitting keys never pays off there.
     device = kv_cache.device
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -278,20 +285,32 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     if q.shape[1] % kv_cache.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({kv_cache.shape[1]})")
     num_seqs = block_tables.shape[0]
-    if block_tables.dim() != 2 or seq_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(f"need block_tables [seqs, max_blocks], seq_lens [seqs] and query_start_loc [seqs + 1]; got "
-                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}")
+    per_head = block_tables.dim() == 3  # an attention policy's tables: one per (sequence, KV head)
+    lens_shape = (num_seqs, kv_cache.shape[1]) if per_head else (num_seqs,)
+    if (block_tables.dim() not in (2, 3) or per_head and block_tables.shape[1] != kv_cache.shape[1]
+            or seq_lens.shape != lens_shape or query_start_loc.shape != (num_seqs + 1,)):
+        raise ValueError(f"need block_tables [seqs, max_blocks] (or [seqs, kv_heads, max_blocks]), seq_lens [seqs] "
+                         f"(or [seqs, kv_heads]) and query_start_loc [seqs + 1]; got {tuple(block_tables.shape)}, "
+                         f"{tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}")
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, scale: float, *, num_splits: int = 1,
                     out: torch.Tensor | None = None, config: AttentionKernelConfig | None = None,
-                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    kv_scale: torch.Tensor | None = None, page_log_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence s's new queries q[query_start_loc[s]:query_start_loc[s + 1]] ([T, heads, hd] overall) attend
     causally over its seq_lens[s] cached tokens (which include them) through block_tables[s]; returns [T, heads, hd]
     (written into `out` when given). max_query_len: the longest chunk, a host int so that nothing syncs.
-    kv_cache in q's dtype, or int8 / fp8_e4m3 (as uint8) codes with kv_scale [2, kv_heads, blocks, block_size, 1]."""
+    kv_cache in q's dtype, or int8 / fp8_e4m3 (as uint8) codes with kv_scale [2, kv_heads, blocks, block_size, 1].
+    Per KV head (an attention policy's pages): block_tables [seqs, kv_heads, max_blocks], seq_lens [seqs, kv_heads]
+    and page_log_weights [seqs, kv_heads, max_blocks] (fp32) or None."""
     _check_inputs(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if block_tables.dim() == 2:  # every KV head reads the sequence's one table
+        block_tables, seq_lens = block_tables[:, None, :], seq_lens[:, None]
+    if page_log_weights is not None and page_log_weights.shape != block_tables.shape:
+        raise ValueError(f"page_log_weights must be shaped like the per-head block_tables "
+                         f"{tuple(block_tables.shape)}, got {tuple(page_log_weights.shape)}")
+    page_weights = seq_lens if page_log_weights is None else page_log_weights.float()  # unused when None
     kv_quant = _kv_quant(q, kv_cache, kv_scale)
     kv_scale = kv_cache if kv_scale is None else kv_scale  # unused when full precision
     num_tokens, num_heads, head_dim = q.shape
@@ -310,12 +329,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         part_out = part_lse = out  # unused
     grid = (block_tables.shape[0], triton.cdiv(max_query_len, block_q), kv_heads * num_splits)
     _paged_attention_kernel[grid](
-        q, kv_cache, kv_scale, out, part_out, part_lse, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-        *q.stride(), *kv_cache.stride(), *kv_scale.stride()[:4], *out.stride(), block_tables.stride(0),
+        q, kv_cache, kv_scale, out, part_out, part_lse, block_tables, seq_lens, page_weights, query_start_loc,
+        scale * _LOG2E,
+        *q.stride(), *kv_cache.stride(), *kv_scale.stride()[:4], *out.stride(),
+        block_tables.stride(0), block_tables.stride(1) if block_tables.shape[1] > 1 else 0,
+        seq_lens.stride(0), seq_lens.stride(1) if seq_lens.shape[1] > 1 else 0,
+        *(page_weights.stride()[:2] if page_log_weights is not None else (0, 0)),
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_SPLITS=num_splits,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_QUANT=kv_quant, KEYS_D_MAJOR=cfg.keys_d_major,
+        KV_QUANT=kv_quant, KEYS_D_MAJOR=cfg.keys_d_major, PAGE_WEIGHTS=page_log_weights is not None,
         DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
@@ -328,31 +351,40 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, *, num_splits: int | None = None, out: torch.Tensor | None = None,
-                 config: AttentionKernelConfig | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 config: AttentionKernelConfig | None = None, kv_scale: torch.Tensor | None = None,
+                 page_log_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence, q [B, heads, hd], split-K over its keys; num_splits None: chosen from the
-    SM count (num_kv_splits) with block_tables' width as the longest sequence."""
+    SM count (num_kv_splits) with block_tables' width as the longest sequence. Tables per KV head as in
+    paged_attention."""
     num_seqs, num_heads, head_dim = q.shape
     cfg = config or decode_config(num_heads // kv_cache.shape[1], head_dim, kv_scale is not None)
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, kv_cache, block_tables, cfg.block_n)
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
     return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, 1, scale,
-                           num_splits=num_splits, out=out, config=cfg, kv_scale=kv_scale)
+                           num_splits=num_splits, out=out, config=cfg, kv_scale=kv_scale,
+                           page_log_weights=page_log_weights)
 
 
 class TritonPagedAttention:
     """The attention backend interface on the Triton kernels (same call as TorchPagedAttention)."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                 meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:
         store_kv(kv_cache, k, v, meta)  # all K/V first, as in TorchPagedAttention
+        nd, device, policy = meta.num_decodes, q.device, meta.policy_step
+        if policy is not None:
+            policy.on_write(layer, k, meta.slot_mapping)
+        chosen = policy.decode_blocks(layer, q[:nd], kv_cache, scale) if nd and policy is not None else None
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         # A token-format QuantizedKVCache is read in place: codes and scales, dequantized in the kernel.
         codes, kv_scale = kv_cache, None
         if not isinstance(kv_cache, torch.Tensor):
             codes, kv_scale, q = kv_cache.kernel_operands(q)
-        nd, device = meta.num_decodes, q.device
-        if nd:
+        if chosen is not None:
+            paged_decode(q[:nd], codes, chosen.block_tables.to(device), chosen.seq_lens.to(device), scale,
+                         out=out[:nd], kv_scale=kv_scale, page_log_weights=chosen.log_weights)
+        elif nd:
             if meta.decode_seq_lens is None:
                 raise ValueError("the Triton backend needs AttentionMetadata.decode_seq_lens")
             paged_decode(q[:nd], codes, meta.decode_block_tables.to(device), meta.decode_seq_lens.to(device),

@@ -20,8 +20,9 @@ from afdserve.models.layers.rotary import RopeTables, apply_rotary
 
 
 class MFAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, share_q_dim: int, attention: AttentionBackend):
+    def __init__(self, cfg: TransformerConfig, share_q_dim: int, attention: AttentionBackend, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_sizes = [share_q_dim, kv_size, kv_size]  # rows of the fused projection: q_proj, k_proj, v_proj
@@ -39,5 +40,5 @@ class MFAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        out = self.attn(q, k, v, kv_cache, meta, self.scale)
+        out = self.attn(q, k, v, kv_cache, meta, self.scale, self.layer_index)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))

@@ -19,7 +19,8 @@ ENGINE_FLAGS = {
     "--kv-cache-memory-gb": 1.0, "--num-kv-blocks": None, "--enable-prefix-caching": True,
     "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,512:8,inf:4",
     "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None,
-    "--attention-backend": "auto", "--device": "auto", "--quantization": None,
+    "--attention-backend": "auto", "--device": "auto", "--quantization": None, "--attention-policy": "dense",
+    "--attention-policy-config": None,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
              "--moe-parallel": "adaptive", "--threads-per-worker": None}
@@ -69,9 +70,11 @@ def test_every_flag_is_there_with_its_default_in_its_group():
 
 
 def test_a_command_line_gives_the_config_its_keywords_give():
-    # --kv-staircase is saq's, --kv-window int4's: one config cannot set both (the saq case is below)
+    # --kv-staircase is saq's, --kv-window int4's: one config cannot set both (the saq case is below); an attention
+    # policy does not run on int4's staircase (the policy case is below)
     off_default = {**ENGINE_FLAGS, **AFD_FLAGS}
-    del off_default["--kv-staircase"]
+    for flag in ("--kv-staircase", "--attention-policy", "--attention-policy-config"):
+        del off_default[flag]
     assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in off_default.items())
     from_cli = engine_config_from_args(engine_parser().parse_args(ARGV))
     assert from_cli == engine_config(**KWARGS)
@@ -82,6 +85,9 @@ def test_a_command_line_gives_the_config_its_keywords_give():
                                                               "32:16,64:4,inf:2"]))
     assert saq == engine_config(kv_cache_dtype="saq", kv_staircase="32:16,64:4,inf:2")
     assert saq.cache.stairs == [(32, 16), (64, 4), (float("inf"), 2)]
+    delta = engine_config_from_args(engine_parser().parse_args(["--attention-policy", "delta",
+                                                                "--attention-policy-config", '{"budget_pages": 8}']))
+    assert delta == engine_config(attention_policy="delta", attention_policy_config='{"budget_pages": 8}')
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -105,6 +105,35 @@ def test_decode_matches_torch_and_dense(case):
         torch.testing.assert_close(out.double(), dense, **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_reads_each_heads_own_pages_with_log_weights(dtype):
+    """An attention policy's tables (kernels/attention/sparse): each KV head reads its own kept pages, a page's
+    log-weight added to its tokens' logits, against the torch backend on the same selection and a float64 softmax
+    over exactly the kept tokens."""
+    from afdserve.kernels.attention.sparse.selection import DecodeBatch, compact, selected_blocks, selected_mask_bias
+    kv_heads, group, head_dim, block_size, seq_lens = 2, 3, 64, 16, [70, 16, 33, 5]
+    kv, tables = _paged_cache(kv_heads, head_dim, block_size, seq_lens, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    decodes = DecodeBatch(tables, torch.tensor(seq_lens), block_size, torch.zeros(len(seq_lens), dtype=torch.long))
+    kept = (torch.rand(len(seq_lens), kv_heads, tables.shape[1], generator=g) < 0.5) & decodes.valid_pages()[:, None]
+    kept |= torch.arange(tables.shape[1]) == decodes.num_pages[:, None, None] - 1
+    log_w = torch.randn(kept.shape, generator=g)
+    blocks = selected_blocks(compact(kept, log_w), decodes)
+    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=g).to(dtype)
+    scale = head_dim ** -0.5
+    torch_out = decode_attention(q, kv, blocks.block_tables, selected_mask_bias(blocks, block_size), scale)
+    out = triton_paged.paged_decode(*_on_device(q, kv, blocks.block_tables, blocks.seq_lens), scale, num_splits=2,
+                                    page_log_weights=blocks.log_weights.to(DEVICE)).cpu()
+    torch.testing.assert_close(out, torch_out, **_tol(dtype))
+    for s, n in enumerate(seq_lens):
+        for h in range(kv_heads * group):
+            kvh = h // group
+            pos = torch.tensor([t for t in range(n) if kept[s, kvh, t // block_size]])
+            k, v = (kv[i][kvh, tables[s, pos // block_size], pos % block_size].double() for i in (0, 1))
+            probs = (k @ q[s, h].double() * scale + log_w[s, kvh, pos // block_size].double()).softmax(0)
+            torch.testing.assert_close(out[s, h].double(), probs @ v, **_tol(dtype))
+
+
 PREFILL_CASES = {  # head_dim, group, kv_heads, block_size, dtype, [(new tokens, seq_len)], num_splits
     "no-prefix-gqa3": (64, 3, 2, 16, torch.float32, [(1, 1), (16, 16), (23, 23)], 1),
     "prefix-gqa8-p32": (128, 8, 1, 32, torch.bfloat16, [(5, 37), (32, 64), (1, 20)], 1),
@@ -221,11 +250,13 @@ def test_select_attention_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the engine runs on CPU; on CUDA the kernel tests above cover the kernels")
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
-def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype, policy", [("auto", None), ("fp8_e4m3", None), ("auto", "delta"),
+                                                    ("fp8_e4m3", "quest"), ("auto", "prflash")])
+def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype, policy):
     """Prompts of 1, 7 and 40 tokens with 16-token steps: prefill chunks with and without a cached prefix, decodes,
     and steps that mix both, through ModelRunner's real metadata; fp8: the Triton kernel reads the codes that the
-    torch backend dequantizes on gather."""
+    torch backend dequantizes on gather. With an attention policy on a budget of one page (plus the last), so that
+    the 40-token prompt's decodes read some pages and not others."""
     from conftest import make_tiny_model  # tests/conftest.py needs gguf; the GPU check runs this file without it
     from afdserve import LLM, SamplingParams
 
@@ -234,8 +265,11 @@ def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
+        policy_args = {} if policy is None else dict(attention_policy=policy, attention_policy_config={
+            "delta": {"budget_pages": 1, "recent_pages": 1, "full_layers": [0]}, "quest": {"budget_pages": 1,
+            "dense_layers": 0}, "prflash": {"budget_pages": 1.5, "reweight": True}}[policy])
         with LLM(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=16,
-                 attention_backend=backend, kv_cache_dtype=kv_cache_dtype) as llm:
+                 attention_backend=backend, kv_cache_dtype=kv_cache_dtype, **policy_args) as llm:
             assert isinstance(llm.engine.core.executor.runner.model.layers[0].self_attn.attn,
                               TorchPagedAttention if backend == "torch" else triton_paged.TritonPagedAttention)
             tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -1,0 +1,290 @@
+"""Attention policies (kernels/attention/sparse): each against a plain-torch reference of its algorithm written here
+from the papers' definitions, the sparse decode against a float64 softmax over exactly the kept tokens, and, through
+the engine, every policy whose budget covers every page against transformers (the dense oracle).
+The Triton kernel's per-head tables are tested in test_triton_attention.py."""
+import math
+
+import pytest
+import torch
+
+from afdserve.kernels.attention.sparse.delta import DeltaPolicy, default_full_layers
+from afdserve.kernels.attention.sparse.policy import KVLayout
+from afdserve.kernels.attention.sparse.prflash import PrFlashPolicy
+from afdserve.kernels.attention.sparse.quest import QuestPolicy
+from afdserve.kernels.attention.sparse.registry import make_policy
+from afdserve.kernels.attention.sparse.selection import (DecodeBatch, PageSelection, compact, selected_blocks,
+                                                         selected_mask_bias)
+from afdserve.kernels.attention.torch_paged import decode_attention, kv_cache_shape, write_kv
+
+PAGE = 4
+
+
+def _batch(seq_lens, kv_heads=2, head_dim=8, seed=0, dtype=torch.float32):
+    """A cache whose sequences own shuffled blocks, written through write_kv; the DecodeBatch over them; the keys and
+    values per sequence as [kv_heads, len, hd] for the references."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // PAGE) for n in seq_lens]
+    num_blocks = sum(per_seq) + 2
+    cache = torch.zeros(kv_cache_shape(num_blocks, PAGE, kv_heads, head_dim), dtype=dtype)
+    ids = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.long)
+    keys, values = [], []
+    for s, n in enumerate(seq_lens):
+        tables[s, :per_seq[s]] = torch.tensor([ids.pop() for _ in range(per_seq[s])])
+        k, v = torch.randn(2, n, kv_heads, head_dim, generator=g).to(dtype)
+        pos = torch.arange(n)
+        write_kv(cache, k, v, tables[s, pos // PAGE] * PAGE + pos % PAGE)
+        keys.append(k.transpose(0, 1))
+        values.append(v.transpose(0, 1))
+    decodes = DecodeBatch(tables, torch.tensor(seq_lens), PAGE, torch.zeros(len(seq_lens), dtype=torch.long))
+    return cache, decodes, keys, values
+
+
+def _layout(cache, num_layers=1):
+    _, kv_heads, num_blocks, page, head_dim = cache.shape
+    return KVLayout(num_layers, num_blocks, page, kv_heads, head_dim, cache.dtype, torch.device("cpu"))
+
+
+# ---- the seam: kept pages -> what the decode reads ----------------------------------------------------------------
+
+def _reference_sparse_decode(q, keys, values, kept_pages, log_weights, scale):
+    """float64: each query head over the tokens of its KV head's kept pages, page log-weights added to the logits."""
+    num_heads = q.shape[0]
+    kv_heads, n, _ = keys.shape
+    group = num_heads // kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for h in range(num_heads):
+        kv = h // group
+        tokens = [t for t in range(n) if t // PAGE in kept_pages[kv]]
+        logits = keys[kv, tokens].double() @ q[h].double() * scale
+        logits += torch.tensor([log_weights[kv][t // PAGE] for t in tokens], dtype=torch.float64)
+        out[h] = logits.softmax(0) @ values[kv, tokens].double()
+    return out
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_sparse_decode_is_softmax_over_the_kept_tokens(weights):
+    cache, decodes, keys, values = _batch([13, 4, 22, 9], seed=1)
+    g = torch.Generator().manual_seed(2)
+    num_seqs, max_pages = decodes.block_tables.shape
+    kept = torch.rand(num_seqs, 2, max_pages, generator=g) < 0.5
+    kept &= decodes.valid_pages()[:, None, :]
+    kept |= (torch.arange(max_pages) == decodes.num_pages[:, None, None] - 1)  # the last page, always
+    log_w = torch.randn(num_seqs, 2, max_pages, generator=g) if weights else None
+    selection = compact(kept, log_w)
+    blocks = selected_blocks(selection, decodes)
+    q = torch.randn(num_seqs, 6, 8, generator=g)
+    out = decode_attention(q, cache, blocks.block_tables, selected_mask_bias(blocks, PAGE), 0.3)
+    for s in range(num_seqs):
+        pages = [set(torch.nonzero(kept[s, h]).flatten().tolist()) for h in range(2)]
+        weight = log_w[s].tolist() if weights else [[0.0] * max_pages] * 2
+        ref = _reference_sparse_decode(q[s], keys[s], values[s], pages, weight, 0.3)
+        torch.testing.assert_close(out[s].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_lists_kept_pages_ascending_with_counts():
+    kept = torch.tensor([[[True, False, True, True], [False, False, False, True]]])
+    pages, counts, _ = compact(kept)
+    assert counts.tolist() == [[3, 1]]
+    assert pages[0, 0].tolist() == [0, 2, 3]
+    assert pages[0, 1, :1].tolist() == [3]
+
+
+# ---- Quest ------------------------------------------------------------------------------------------------------
+
+def _reference_quest_pages(q, keys, budget, kv_heads):
+    """Per KV head: page criticality = sum_d max(q_d min_d, q_d max_d) from the page's actual keys (max over the
+    group's query heads); the `budget` most critical pages plus the last, ascending."""
+    num_heads, _ = q.shape
+    n = keys.shape[1]
+    num_pages = -(-n // PAGE)
+    group = num_heads // kv_heads
+    chosen = []
+    for kv in range(kv_heads):
+        crit = []
+        for j in range(num_pages):
+            page_keys = keys[kv, j * PAGE:min(n, (j + 1) * PAGE)]
+            lo, hi = page_keys.amin(0), page_keys.amax(0)
+            crit.append(max(torch.maximum(q[h] * lo, q[h] * hi).sum().item()
+                            for h in range(kv * group, (kv + 1) * group)))
+        crit[num_pages - 1] = math.inf
+        chosen.append(sorted(sorted(range(num_pages), key=lambda j: -crit[j])[:budget]))
+    return chosen
+
+
+def test_quest_picks_the_pages_with_the_highest_key_bound():
+    seq_lens = [23, 9, 30]
+    cache, decodes, keys, _ = _batch(seq_lens, seed=3)
+    policy = QuestPolicy(budget_pages=3, dense_layers=0)
+    policy.allocate(_layout(cache))
+    # The summaries come from on_write: replay each sequence's keys through it in chunks, as prefill + decodes do.
+    for s, n in enumerate(seq_lens):
+        for start, stop in ((0, n - 2), (n - 2, n - 1), (n - 1, n)):
+            pos = torch.arange(start, stop)
+            policy.on_write(0, keys[s][:, start:stop].transpose(0, 1),
+                            decodes.block_tables[s, pos // PAGE] * PAGE + pos % PAGE)
+    q = torch.randn(len(seq_lens), 6, 8, generator=torch.Generator().manual_seed(4))
+    pages, counts, _ = policy.select(0, q, cache, decodes, 1.0)
+    for s in range(len(seq_lens)):
+        ref = _reference_quest_pages(q[s], keys[s], 3, 2)
+        assert [pages[s, h, :counts[s, h]].tolist() for h in range(2)] == ref
+
+
+def test_quest_bounds_start_afresh_when_a_block_is_reused():
+    policy = QuestPolicy(budget_pages=1, dense_layers=0)
+    policy.allocate(KVLayout(1, 4, PAGE, 1, 2, torch.float32, torch.device("cpu")))
+    block = 2
+    policy.on_write(0, torch.full((PAGE, 1, 2), 9.0), block * PAGE + torch.arange(PAGE))
+    fresh = torch.tensor([[[1.0, -1.0]], [[2.0, -3.0]]])
+    policy.on_write(0, fresh, block * PAGE + torch.arange(2))  # freed and given to a new sequence
+    assert policy.key_max[0][0, block].tolist() == [2.0, -1.0]
+    assert policy.key_min[0][0, block].tolist() == [1.0, -3.0]
+
+
+def test_quest_leaves_its_first_layers_dense():
+    cache, decodes, _, _ = _batch([12])
+    policy = QuestPolicy(budget_pages=1, dense_layers=2)
+    policy.allocate(_layout(cache, num_layers=3))
+    q = torch.randn(1, 6, 8)
+    assert policy.select(1, q, cache, decodes, 1.0) is None
+    assert policy.select(2, q, cache, decodes, 1.0) is not None
+
+
+# ---- DELTA ------------------------------------------------------------------------------------------------------
+
+def _reference_delta_pages(q, keys, budget, recent, scale):
+    """DELTA from its definition: softmax over the whole cache per query head, token score = max over heads, page
+    score = sum over the page's tokens, the last `recent` pages forced, ties to the older page; top `budget`,
+    ascending."""
+    num_heads = q.shape[0]
+    kv_heads, n, _ = keys.shape
+    group = num_heads // kv_heads
+    probs = torch.stack([(keys[h // group].double() @ q[h].double() * scale).softmax(0) for h in range(num_heads)])
+    token_score = probs.amax(0)
+    num_pages = -(-n // PAGE)
+    score = [token_score[j * PAGE:(j + 1) * PAGE].sum().item() for j in range(num_pages)]
+    score = [math.inf if j >= num_pages - recent else score[j] - 1e-7 * j for j in range(num_pages)]
+    return sorted(sorted(range(num_pages), key=lambda j: (-score[j], j))[:budget])
+
+
+def test_delta_selection_layer_scores_pages_by_head_max_probability():
+    seq_lens = [40, 17, 33]
+    cache, decodes, keys, _ = _batch(seq_lens, seed=5)
+    policy = DeltaPolicy(budget_pages=4, recent_pages=2, full_layers=(0, 1))
+    policy.allocate(_layout(cache, num_layers=4))
+    q = torch.randn(len(seq_lens), 6, 8, generator=torch.Generator().manual_seed(6)) * 3
+    assert policy.select(0, q, cache, decodes, 0.35) is None  # a full layer before the selection layer
+    assert policy.select(1, q, cache, decodes, 0.35) is None  # the selection (Δ) layer reads every page
+    pages, counts, _ = policy.select(2, q, cache, decodes, 0.35)  # sparse: the Δ-layer's choice
+    for s in range(len(seq_lens)):
+        ref = _reference_delta_pages(q[s], keys[s], 4, 2, 0.35)
+        for h in range(2):  # one list for every KV head
+            assert pages[s, h, :counts[s, h]].tolist() == ref
+    assert policy.select(3, torch.zeros_like(q), cache, decodes, 0.35) is not None  # reused, not recomputed
+    assert torch.equal(policy.select(3, torch.zeros_like(q), cache, decodes, 0.35).pages, pages)
+
+
+def test_delta_default_layers_scale_the_papers_28():
+    assert default_full_layers(28) == (0, 1, 2, 14, 22)
+    assert default_full_layers(30) == (0, 1, 2, 15, 24)
+
+
+# ---- PrFlash ----------------------------------------------------------------------------------------------------
+
+def test_prflash_probabilities_follow_the_harmonic_rule_with_the_budget_in_expectation():
+    _, decodes, _, _ = _batch([100, 37, 8])
+    policy = PrFlashPolicy(budget_pages=6, window_pages=2, keep_sink=True)
+    policy.allocate(KVLayout(1, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")))
+    p = policy.probabilities(decodes)
+    for s, num_pages in enumerate(decodes.num_pages.tolist()):
+        row = p[s, :num_pages]
+        assert p[s, num_pages:].eq(0).all()
+        if num_pages <= 6:
+            assert row.eq(1).all()  # the budget covers every page
+            continue
+        assert row[0] == 1 and row[-2:].eq(1).all()  # sink and window
+        assert row.sum().item() == pytest.approx(6.0, abs=1e-3)
+        distance = num_pages - 1 - torch.arange(1, num_pages - 2)
+        c = row[1:num_pages - 2] * (distance + 1)  # p = min(1, c / (d + 1)): one c for the unsaturated pages
+        free = row[1:num_pages - 2] < 1
+        assert torch.allclose(c[free], c[free][0].expand_as(c[free]), rtol=1e-4)
+
+
+def test_prflash_draws_are_seeded_reproducible_and_at_the_rate():
+    _, decodes, _, _ = _batch([80, 80])
+    policy = PrFlashPolicy(budget_pages=5, window_pages=1, reweight=True)
+    policy.allocate(KVLayout(8, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")))
+    q = torch.zeros(2, 6, 8)
+    p = policy.probabilities(decodes)[0]
+    first = policy.select(3, q, None, decodes, 1.0)
+    again = policy.select(3, q, None, DecodeBatch(decodes.block_tables, decodes.seq_lens, PAGE, decodes.seeds), 1.0)
+    assert torch.equal(first.pages, again.pages) and torch.equal(first.counts, again.counts)
+    # Alone in its batch, sequence 0 draws what it drew beside sequence 1.
+    alone = DecodeBatch(decodes.block_tables[:1], decodes.seq_lens[:1], PAGE, decodes.seeds[:1])
+    assert torch.equal(policy.select(3, q[:1], None, alone, 1.0).pages[0, :, :first.counts[0].max()],
+                       first.pages[0, :, :first.counts[0].max()])
+    # Reweighting: each kept page carries log(1 / p).
+    for h in range(2):
+        kept = first.pages[0, h, :first.counts[0, h]]
+        assert torch.allclose(first.log_weights[0, h, :first.counts[0, h]], -p[kept].log())
+    # Over many layers and seeds, each page is kept at its probability.
+    hits, trials = torch.zeros_like(p), 0
+    for seed in range(50):
+        seeded = DecodeBatch(decodes.block_tables, decodes.seq_lens, PAGE, torch.full((2,), seed))
+        for layer in range(8):
+            sel = policy.select(layer, q, None, seeded, 1.0)
+            for s in range(2):
+                for h in range(2):
+                    hits[sel.pages[s, h, :sel.counts[s, h]]] += 1
+                    trials += 1
+    rate = hits / trials
+    assert rate[0] == 1 and rate[-1] == 1
+    assert (rate - p).abs().max() < 4 * math.sqrt(0.25 / trials) + 0.01
+
+
+# ---- the registry -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params, message", [
+    ("sparse", None, "unknown attention policy 'sparse'"),
+    ("quest", {"budget": 3}, "has no parameter(s) budget; it takes: budget_pages, dense_layers"),
+    ("quest", {"budget_pages": "3"}, "budget_pages must be int"),
+    ("delta", '{"budget_pages": 4,', "not JSON"),
+    ("delta", "[1]", "must be a JSON object"),
+    ("delta", {"full_layers": [1, 2]}, "must include layer 0"),
+    ("prflash", {"budget_pages": 0}, "budget_pages must be >= 1"),
+])
+def test_bad_policy_configs_name_what_is_wrong(name, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_policy(name, params)
+
+
+def test_engine_config_refuses_policy_combinations_it_cannot_run():
+    from afdserve.engine.config import engine_config
+    with pytest.raises(ValueError, match="attention_policy is 'dense'"):
+        engine_config(attention_policy_config={"budget_pages": 4})
+    with pytest.raises(ValueError, match="staircase"):
+        engine_config(attention_policy="quest", kv_cache_dtype="int4")
+
+
+# ---- through the engine -----------------------------------------------------------------------------------------
+
+COVERING = {  # each policy with a budget over every page of these prompts, sparse from layer 1 on
+    "quest": {"budget_pages": 64, "dense_layers": 1},
+    "delta": {"budget_pages": 64, "recent_pages": 2, "full_layers": [0]},
+    "prflash": {"budget_pages": 64, "reweight": True},
+}
+
+
+@pytest.mark.parametrize("policy", COVERING)
+def test_a_policy_whose_budget_covers_every_page_is_dense_attention(tmp_path, policy):
+    """Greedy tokens, logprobs and prompt logprobs against transformers (dense attention), with several sequences
+    of different lengths decoding in one batch through 8-token pages."""
+    from conftest import generate_and_compare, make_tiny_model
+    from afdserve import LLM
+
+    hf = make_tiny_model(tmp_path, "llama", num_hidden_layers=3)
+    prompts = [list(range(3, 60)), [9, 4, 200, 31], list(range(100, 125))]
+    with LLM(str(tmp_path), dtype="float32", block_size=8, attention_policy=policy,
+             attention_policy_config=COVERING[policy]) as llm:
+        assert llm.engine.core.executor.runner.attention_policy.name == policy
+        generate_and_compare(llm, hf, prompts, new_tokens=10, top=3)
