@@ -296,6 +296,21 @@ def _bench_kv_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sparse(args: argparse.Namespace) -> int:
+    from afdserve.bench.sparse import SparseBenchSpec, format_sparse_result, plot_sparse_result, run_sparse_bench
+
+    policies = tuple(json.loads(p) if p.lstrip().startswith("{") else {"name": p} for p in args.policies)
+    spec = SparseBenchSpec(policies, tuple(args.contexts), args.scored_tokens, tuple(args.depths), args.trials,
+                           args.chunk)
+    config = engine_config_from_args(args)
+    result = run_sparse_bench(config, spec)
+    print(format_sparse_result(result))
+    _write_json(args.json, result, config.model.device)
+    if args.plot:
+        plot_sparse_result(result, args.plot)
+    return 0
+
+
 def _bench_weight_quant(args: argparse.Namespace) -> int:
     from afdserve.bench.weight_quant import WeightQuantBenchSpec, format_weight_quant_result, run_weight_quant_bench
 
@@ -481,6 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     kvq.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens)")
     kvq.add_argument("--json", default=None)
     kvq.set_defaults(func=_bench_kv_quant)
+    sp = bench_sub.add_parser("sparse", help="attention policies on long text: decode perplexity, passkey "
+                                             "retrieval, attended fraction and decode time per context")
+    add_engine_args(sp)
+    sp.add_argument("--policies", nargs="+", default=["dense", "quest", "delta", "prflash"],
+                    help="policy names, or JSON objects with parameters ('{\"name\": \"delta\", \"budget_pages\": "
+                         "32}'); dense is added first if missing")
+    sp.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192])
+    sp.add_argument("--scored-tokens", type=int, default=128, help="teacher-forced decodes scored per context")
+    sp.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="where the pass key sits")
+    sp.add_argument("--trials", type=int, default=20, help="passkey trials per depth")
+    sp.add_argument("--chunk", type=int, default=512, help="prefill chunk of the perplexity text")
+    sp.add_argument("--json", default=None)
+    sp.add_argument("--plot", default=None, help="passkey accuracy against attended fraction (needs matplotlib)")
+    sp.set_defaults(func=_bench_sparse)
     wq = bench_sub.add_parser("weight-quant", help="perplexity and weight bytes for each --quantization")
     add_engine_args(wq)
     wq.add_argument("--quantizations", nargs="+", default=["none", "int8"], choices=["none", *QUANTIZATIONS],

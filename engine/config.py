@@ -42,7 +42,7 @@ class ModelConfig:
                                             "for small batches); CPU; MoE experts keep the model dtype",
                                       choices=QUANTIZATIONS)
     attention_policy: str = option("dense", "which KV pages a decode query reads: dense (every page), or a sparse "
-                                            "policy: quest, delta, prflash (kernels/attention/sparse)",
+                                            "policy (kernels/attention/sparse)",
                                    choices=POLICY_NAMES)
     # A JSON text from the CLI; from Python, a dict as well (kernels/attention/sparse/registry.parse_policy_params).
     attention_policy_config: str | None = option(None, "the policy's parameters as a JSON object, e.g. "
@@ -53,7 +53,7 @@ class ModelConfig:
         self.device = resolve_device(self.device)
         if self.attention_policy_config is not None and self.attention_policy == "dense":
             raise ValueError("attention_policy_config: set, but attention_policy is 'dense', which takes none; name "
-                             "a policy (quest, delta, prflash) or leave it out")
+                             "a sparse policy or leave it out")
         make_policy(self.attention_policy, self.attention_policy_config)  # a bad name or parameter fails here
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

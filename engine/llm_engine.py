@@ -115,6 +115,15 @@ class LLMEngine:
                 raise ValueError(f"{name} must be at most the vocabulary size {vocab}, got {k}")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(params.logit_bias), "logit_bias keys")
+        policy = params.attention_policy
+        if policy is not None and policy["name"] != "dense":
+            if self.config.cache.kv_cache_dtype in ("int4", "saq"):
+                raise ValueError(f"attention_policy {policy['name']!r} picks KV blocks by id, which this server's "
+                                 f"kv_cache_dtype {self.config.cache.kv_cache_dtype!r} moves between stores")
+            layers = policy.get("full_layers") or ()
+            if any(layer >= self.model_config.num_layers for layer in layers):
+                raise ValueError(f"attention_policy full_layers {list(layers)} name a layer this model (of "
+                                 f"{self.model_config.num_layers}) does not have")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

@@ -5,6 +5,7 @@ Flat batch (docs/architecture.md, seam 2): the step's chunks are laid end to end
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_shape, select_attention_backend
 from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairView, KVStepPlan, kv_cache_spec
-from afdserve.kernels.attention.sparse.policy import AttentionPolicy, KVLayout, PolicyStep
-from afdserve.kernels.attention.sparse.registry import make_policy
+from afdserve.kernels.attention.sparse.policy import AttentionPolicy, KVLayout, PolicyStep, SparseStep
+from afdserve.kernels.attention.sparse.registry import AttentionPolicies, parse_policy_params
 from afdserve.kernels.attention.sparse.selection import DecodeBatch
 from afdserve.kernels.attention.torch_paged import decode_mask_bias
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
@@ -79,21 +80,18 @@ class ModelRunner:
         attention = select_attention_backend(config.model.attention_backend, self.device)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
                                 self.model_role, quantization=config.model.quantization)
-        self.attention_policy = self._make_attention_policy(num_kv_blocks)
+        self.attention_policies, self.default_policy = self._attention_policies(num_kv_blocks)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages
 
-    def _make_attention_policy(self, num_blocks: int) -> AttentionPolicy | None:
-        """--attention-policy, its state allocated beside the KV blocks; None for dense attention."""
-        model = self.config.model
-        if model.attention_policy == "dense":
-            return None
-        policy = make_policy(model.attention_policy, model.attention_policy_config)
-        cfg = self.model_config
-        policy.allocate(KVLayout(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
-                                 self.dtype, self.device))
-        return policy
+    def _attention_policies(self, num_blocks: int) -> tuple[AttentionPolicies, dict]:
+        """The policies requests may name, and the engine's (--attention-policy) for those that name none."""
+        model, cfg = self.config.model, self.model_config
+        layout = KVLayout(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                          self.device)
+        default = {"name": model.attention_policy, **parse_policy_params(model.attention_policy_config)}
+        return AttentionPolicies(layout, self.kv_caches), default
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
         """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
@@ -130,10 +128,18 @@ class ModelRunner:
         return self.kv_stairs.replay(sched.kv_moves.get(self.rank, []))
 
     def build_batch(self, scheduled: list[ScheduledRequest], kv_plan: KVStepPlan | None = None) -> FlatBatch:
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens != 1)
+        # Decodes first, grouped by attention policy (dense first), so that each policy's rows are contiguous.
+        policies = [self._policy_of(item) for item in scheduled]
+        group_of: dict[int, int] = {}
+        for policy in policies:
+            if policy is not None:
+                group_of.setdefault(id(policy), len(group_of))
+        order = sorted(range(len(scheduled)), key=lambda i: (scheduled[i].num_tokens != 1,
+                                                             group_of.get(id(policies[i]), -1)))
         bs = self.block_size
         input_ids, positions, slots, logits_rows, wants_prompt = [], [], [], [], []
-        decode_tables, decode_lens, decode_seeds, prefills = [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        decode_seeds, decode_steps, decode_states = [], [], []  # what attention policies may read of a decode
         write_slot = self.write_slot_of
         for i in order:
             item = scheduled[i]
@@ -149,6 +155,8 @@ class ModelRunner:
                 decode_tables.append(blocks)
                 decode_lens.append(seq_len)
                 decode_seeds.append(state.sampling_params.seed or 0)
+                decode_steps.append(start - state.num_prompt_tokens)  # decodes the request ran before this one
+                decode_states.append(state.policy_state)
             else:
                 prefills.append(PrefillSeq(row, n, seq_len, self._tensor(blocks[:-(-seq_len // bs)])))
             wants_prompt_logprobs = bool(self._prompt_logprob_positions(item))
@@ -168,10 +176,35 @@ class ModelRunner:
             decode_seq_lens=seq_lens,
             kv_plan=kv_plan,
         )
-        if self.attention_policy is not None:
-            decodes = DecodeBatch(meta.decode_block_tables, seq_lens, bs, self._tensor(decode_seeds))
-            meta.policy_step = PolicyStep(self.attention_policy, decodes)
+        if self.attention_policies.states or group_of:
+            meta.sparse = self._sparse_step([policies[i] for i in order[:len(decode_lens)]], meta,
+                                            self._tensor(decode_seeds), decode_steps, decode_states)
         return FlatBatch(order, self._tensor(input_ids), self._tensor(positions), meta, logits_rows, wants_prompt)
+
+    def _policy_of(self, item: ScheduledRequest) -> AttentionPolicy | None:
+        """The request's attention policy for its decodes; None: dense."""
+        if item.num_tokens != 1:
+            return None
+        spec = self.requests[item.request_id].sampling_params.attention_policy
+        return self.attention_policies.get(spec or self.default_policy)
+
+    def _sparse_step(self, decode_policies: list, meta: AttentionMetadata, seeds: torch.Tensor,
+                     steps: list[int], states: list[dict]) -> SparseStep:
+        """The policy states to keep current, and each policy's run of decode rows with its view of them."""
+        step = SparseStep(list(self.attention_policies.states.values()))
+        start = 0
+        for _, rows in itertools.groupby(decode_policies, key=id):
+            rows = list(rows)
+            policy = rows[0]
+            stop = start + len(rows)
+            if policy is not None:
+                rows_of = slice(start, stop)
+                decodes = DecodeBatch(meta.decode_block_tables[rows_of], meta.decode_seq_lens[rows_of],
+                                      meta.block_size, seeds[rows_of], decode_steps=steps[rows_of],
+                                      request_states=states[rows_of])
+                step.groups.append(PolicyStep(policy, start, stop, decodes, self.attention_policies.stats))
+            start = stop
+        return step
 
     def _tensor(self, values: list) -> torch.Tensor:
         """A long tensor on the runner's device, built from host lists in one copy."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from afdserve.kernels.attention.sparse.registry import policy_spec
+
 _GREEDY_EPS = 1e-5
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
@@ -28,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (the sampled one is always added)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Which KV pages this request's decodes read: {"name": "delta", "budget_pages": 32} (or its JSON text);
+    # None: the engine's --attention-policy (kernels/attention/sparse).
+    attention_policy: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -37,6 +42,7 @@ class SamplingParams:
         self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
+        self.attention_policy = policy_spec(self.attention_policy)
         self._validate()
 
     def _validate(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
@@ -48,6 +48,8 @@ class SamplingRequest(OpenAIModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
+    # afdserve's: which KV pages the decodes read, {"name": "delta", ...parameters} (kernels/attention/sparse)
+    attention_policy: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as in vLLM

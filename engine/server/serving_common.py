@@ -119,7 +119,7 @@ def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprob
             n=request.n, max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop or [],
             stop_token_ids=request.stop_token_ids or [], ignore_eos=request.ignore_eos,
             skip_special_tokens=request.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            logit_bias=_token_keyed(request.logit_bias), **optional)
+            logit_bias=_token_keyed(request.logit_bias), attention_policy=request.attention_policy, **optional)
     except (ValueError, TypeError) as e:
         raise from_value_error(ValueError(str(e))) from None
 

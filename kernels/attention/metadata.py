@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from afdserve.kernels.attention.sparse.policy import PolicyStep
+    from afdserve.kernels.attention.sparse.policy import SparseStep
 
 
 @dataclass
@@ -45,8 +45,17 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     kv_plan: object | None = None  # int4 / saq KV caches: the step's kv_tiers.KVStepPlan, replayed by every layer
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: tokens with KV after this step
-    # The attention policy's calls for this step (kernels/attention/sparse/policy.py); None: every page, no policy.
-    policy_step: PolicyStep | None = None
+    # The attention policies' part in this step (kernels/attention/sparse/policy.py); None: no policy in use.
+    sparse: SparseStep | None = None
+
+    def decode_segments(self, layer: int, q: torch.Tensor, kv_cache, scale: float) -> list:
+        """The decode rows as (start, stop, blocks) runs, one per attention policy in the step: blocks is the
+        policy's sparse_selection.SelectedBlocks at `layer`, or None where every page is read."""
+        if not self.num_decodes:
+            return []
+        if self.sparse is None:
+            return [(0, self.num_decodes, None)]
+        return self.sparse.decode_segments(layer, q, kv_cache, scale, self.num_decodes)
 
     @functools.cached_property
     def prefill_batch(self) -> PrefillBatch:

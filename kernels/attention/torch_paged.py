@@ -113,19 +113,19 @@ class TorchPagedAttention:
                  meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:
         # All K/V first: a request may attend to blocks another request of the same step is writing (prefix hits).
         store_kv(kv_cache, k, v, meta)
-        policy = meta.policy_step
-        if policy is not None:
-            policy.on_write(layer, k, meta.slot_mapping)
-        nd = meta.num_decodes
-        decode_args = meta.decode_block_tables, meta.decode_mask_bias
-        chosen = policy.decode_blocks(layer, q[:nd], kv_cache, scale) if nd and policy is not None else None
-        if chosen is not None:
-            decode_args = chosen.block_tables, selected_mask_bias(chosen, meta.block_size)
-        if not meta.prefills:
-            return decode_attention(q, kv_cache, *decode_args, scale)
+        if meta.sparse is not None:
+            meta.sparse.on_write(layer, k, meta.slot_mapping)
+        if not meta.prefills and meta.sparse is None:
+            return decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale)
         out = torch.empty_like(q)
-        if nd:
-            out[:nd] = decode_attention(q[:nd], kv_cache, *decode_args, scale)
+        for start, stop, chosen in meta.decode_segments(layer, q, kv_cache, scale):
+            rows = slice(start, stop)
+            if chosen is None:
+                out[rows] = decode_attention(q[rows], kv_cache, meta.decode_block_tables[rows],
+                                             meta.decode_mask_bias[rows], scale)
+            else:
+                out[rows] = decode_attention(q[rows], kv_cache, chosen.block_tables,
+                                             selected_mask_bias(chosen, meta.block_size), scale)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
             out[rows] = prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale)

@@ -372,23 +372,26 @@ class TritonPagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:
         store_kv(kv_cache, k, v, meta)  # all K/V first, as in TorchPagedAttention
-        nd, device, policy = meta.num_decodes, q.device, meta.policy_step
-        if policy is not None:
-            policy.on_write(layer, k, meta.slot_mapping)
-        chosen = policy.decode_blocks(layer, q[:nd], kv_cache, scale) if nd and policy is not None else None
+        if meta.sparse is not None:
+            meta.sparse.on_write(layer, k, meta.slot_mapping)
+        segments = meta.decode_segments(layer, q, kv_cache, scale)  # before the rotation below: policies see q as is
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         # A token-format QuantizedKVCache is read in place: codes and scales, dequantized in the kernel.
         codes, kv_scale = kv_cache, None
         if not isinstance(kv_cache, torch.Tensor):
             codes, kv_scale, q = kv_cache.kernel_operands(q)
-        if chosen is not None:
-            paged_decode(q[:nd], codes, chosen.block_tables.to(device), chosen.seq_lens.to(device), scale,
-                         out=out[:nd], kv_scale=kv_scale, page_log_weights=chosen.log_weights)
-        elif nd:
-            if meta.decode_seq_lens is None:
-                raise ValueError("the Triton backend needs AttentionMetadata.decode_seq_lens")
-            paged_decode(q[:nd], codes, meta.decode_block_tables.to(device), meta.decode_seq_lens.to(device),
-                         scale, out=out[:nd], kv_scale=kv_scale)
+        nd, device = meta.num_decodes, q.device
+        if nd and meta.decode_seq_lens is None:
+            raise ValueError("the Triton backend needs AttentionMetadata.decode_seq_lens")
+        for start, stop, chosen in segments:
+            rows = slice(start, stop)
+            if chosen is None:
+                paged_decode(q[rows], codes, meta.decode_block_tables[rows].to(device),
+                             meta.decode_seq_lens[rows].to(device), scale, out=out[rows], kv_scale=kv_scale)
+            else:
+                weights = None if chosen.log_weights is None else chosen.log_weights.to(device)
+                paged_decode(q[rows], codes, chosen.block_tables.to(device), chosen.seq_lens.to(device), scale,
+                             out=out[rows], kv_scale=kv_scale, page_log_weights=weights)
         if meta.prefills:
             batch = meta.prefill_batch
             paged_attention(q[nd:], codes, batch.block_tables.to(device), batch.seq_lens.to(device),

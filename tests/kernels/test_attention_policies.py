@@ -40,9 +40,12 @@ def _batch(seq_lens, kv_heads=2, head_dim=8, seed=0, dtype=torch.float32):
     return cache, decodes, keys, values
 
 
-def _layout(cache, num_layers=1):
+def _bind(policy, cache, num_layers=1):
+    """The policy bound to `cache` (every layer's), with a fresh state of its kind as a runner gives it."""
     _, kv_heads, num_blocks, page, head_dim = cache.shape
-    return KVLayout(num_layers, num_blocks, page, kv_heads, head_dim, cache.dtype, torch.device("cpu"))
+    layout = KVLayout(num_layers, num_blocks, page, kv_heads, head_dim, cache.dtype, torch.device("cpu"))
+    policy.bind(layout, policy.state_type and policy.state_type(layout, [cache] * num_layers))
+    return policy
 
 
 # ---- the seam: kept pages -> what the decode reads ----------------------------------------------------------------
@@ -115,13 +118,13 @@ def _reference_quest_pages(q, keys, budget, kv_heads):
 def test_quest_picks_the_pages_with_the_highest_key_bound():
     seq_lens = [23, 9, 30]
     cache, decodes, keys, _ = _batch(seq_lens, seed=3)
-    policy = QuestPolicy(budget_pages=3, dense_layers=0)
-    policy.allocate(_layout(cache))
+    # Bounds made from what the cache holds are replaced, block by block, when a block's first slot is written.
+    policy = _bind(QuestPolicy(budget_pages=3, dense_layers=0), torch.randn(cache.shape))
     # The summaries come from on_write: replay each sequence's keys through it in chunks, as prefill + decodes do.
     for s, n in enumerate(seq_lens):
         for start, stop in ((0, n - 2), (n - 2, n - 1), (n - 1, n)):
             pos = torch.arange(start, stop)
-            policy.on_write(0, keys[s][:, start:stop].transpose(0, 1),
+            policy.bounds.on_write(0, keys[s][:, start:stop].transpose(0, 1),
                             decodes.block_tables[s, pos // PAGE] * PAGE + pos % PAGE)
     q = torch.randn(len(seq_lens), 6, 8, generator=torch.Generator().manual_seed(4))
     pages, counts, _ = policy.select(0, q, cache, decodes, 1.0)
@@ -131,20 +134,30 @@ def test_quest_picks_the_pages_with_the_highest_key_bound():
 
 
 def test_quest_bounds_start_afresh_when_a_block_is_reused():
-    policy = QuestPolicy(budget_pages=1, dense_layers=0)
-    policy.allocate(KVLayout(1, 4, PAGE, 1, 2, torch.float32, torch.device("cpu")))
+    bounds = _bind(QuestPolicy(budget_pages=1, dense_layers=0), torch.zeros(kv_cache_shape(4, PAGE, 1, 2))).bounds
     block = 2
-    policy.on_write(0, torch.full((PAGE, 1, 2), 9.0), block * PAGE + torch.arange(PAGE))
+    bounds.on_write(0, torch.full((PAGE, 1, 2), 9.0), block * PAGE + torch.arange(PAGE))
     fresh = torch.tensor([[[1.0, -1.0]], [[2.0, -3.0]]])
-    policy.on_write(0, fresh, block * PAGE + torch.arange(2))  # freed and given to a new sequence
-    assert policy.key_max[0][0, block].tolist() == [2.0, -1.0]
-    assert policy.key_min[0][0, block].tolist() == [1.0, -3.0]
+    bounds.on_write(0, fresh, block * PAGE + torch.arange(2))  # freed and given to a new sequence
+    assert bounds.key_max[0][0, block].tolist() == [2.0, -1.0]
+    assert bounds.key_min[0][0, block].tolist() == [1.0, -3.0]
+
+
+def test_quest_bounds_start_from_what_the_cache_holds():
+    """A Quest state made mid-run (the first request naming quest) bounds the blocks written before it."""
+    cache, decodes, keys, _ = _batch([10, 7], seed=9)
+    bounds = _bind(QuestPolicy(), cache).bounds
+    for s, n in enumerate([10, 7]):
+        for j in range(-(-n // PAGE)):
+            block = decodes.block_tables[s, j]
+            page_keys = keys[s][:, j * PAGE:(j + 1) * PAGE]  # [kv_heads, tokens, hd]
+            assert (bounds.key_max[0][:, block] >= page_keys.amax(1)).all()
+            assert (bounds.key_min[0][:, block] <= page_keys.amin(1)).all()
 
 
 def test_quest_leaves_its_first_layers_dense():
     cache, decodes, _, _ = _batch([12])
-    policy = QuestPolicy(budget_pages=1, dense_layers=2)
-    policy.allocate(_layout(cache, num_layers=3))
+    policy = _bind(QuestPolicy(budget_pages=1, dense_layers=2), cache, num_layers=3)
     q = torch.randn(1, 6, 8)
     assert policy.select(1, q, cache, decodes, 1.0) is None
     assert policy.select(2, q, cache, decodes, 1.0) is not None
@@ -170,8 +183,7 @@ def _reference_delta_pages(q, keys, budget, recent, scale):
 def test_delta_selection_layer_scores_pages_by_head_max_probability():
     seq_lens = [40, 17, 33]
     cache, decodes, keys, _ = _batch(seq_lens, seed=5)
-    policy = DeltaPolicy(budget_pages=4, recent_pages=2, full_layers=(0, 1))
-    policy.allocate(_layout(cache, num_layers=4))
+    policy = _bind(DeltaPolicy(budget_pages=4, recent_pages=2, full_layers=(0, 1)), cache, num_layers=4)
     q = torch.randn(len(seq_lens), 6, 8, generator=torch.Generator().manual_seed(6)) * 3
     assert policy.select(0, q, cache, decodes, 0.35) is None  # a full layer before the selection layer
     assert policy.select(1, q, cache, decodes, 0.35) is None  # the selection (Δ) layer reads every page
@@ -194,7 +206,7 @@ def test_delta_default_layers_scale_the_papers_28():
 def test_prflash_probabilities_follow_the_harmonic_rule_with_the_budget_in_expectation():
     _, decodes, _, _ = _batch([100, 37, 8])
     policy = PrFlashPolicy(budget_pages=6, window_pages=2, keep_sink=True)
-    policy.allocate(KVLayout(1, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")))
+    policy.bind(KVLayout(1, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")), None)
     p = policy.probabilities(decodes)
     for s, num_pages in enumerate(decodes.num_pages.tolist()):
         row = p[s, :num_pages]
@@ -213,7 +225,7 @@ def test_prflash_probabilities_follow_the_harmonic_rule_with_the_budget_in_expec
 def test_prflash_draws_are_seeded_reproducible_and_at_the_rate():
     _, decodes, _, _ = _batch([80, 80])
     policy = PrFlashPolicy(budget_pages=5, window_pages=1, reweight=True)
-    policy.allocate(KVLayout(8, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")))
+    policy.bind(KVLayout(8, 64, PAGE, 2, 8, torch.float32, torch.device("cpu")), None)
     q = torch.zeros(2, 6, 8)
     p = policy.probabilities(decodes)[0]
     first = policy.select(3, q, None, decodes, 1.0)
@@ -272,6 +284,8 @@ COVERING = {  # each policy with a budget over every page of these prompts, spar
     "quest": {"budget_pages": 64, "dense_layers": 1},
     "delta": {"budget_pages": 64, "recent_pages": 2, "full_layers": [0]},
     "prflash": {"budget_pages": 64, "reweight": True},
+    "hyperattention": {"block_tokens": 4096, "min_seq_len": 0},
+    "sparsed": {"keep_fraction": 1.0, "skip_steps": 1, "refresh_steps": 3},
 }
 
 
@@ -286,5 +300,161 @@ def test_a_policy_whose_budget_covers_every_page_is_dense_attention(tmp_path, po
     prompts = [list(range(3, 60)), [9, 4, 200, 31], list(range(100, 125))]
     with LLM(str(tmp_path), dtype="float32", block_size=8, attention_policy=policy,
              attention_policy_config=COVERING[policy]) as llm:
-        assert llm.engine.core.executor.runner.attention_policy.name == policy
+        assert llm.engine.core.executor.runner.default_policy["name"] == policy
         generate_and_compare(llm, hf, prompts, new_tokens=10, top=3)
+
+
+SPARSE = {  # one or two pages of a 60-token prompt's eight, so that each policy reads less than dense
+    "quest": {"name": "quest", "budget_pages": 2, "dense_layers": 1},
+    "delta": {"name": "delta", "budget_pages": 2, "recent_pages": 1, "full_layers": [0]},
+    "prflash": {"name": "prflash", "budget_pages": 2.5, "reweight": True},
+    "hyperattention": {"name": "hyperattention", "block_tokens": 8, "sample_tokens": 8, "min_seq_len": 0},
+    "sparsed": {"name": "sparsed", "keep_fraction": 0.2, "skip_steps": 1, "refresh_steps": 3},
+}
+
+
+def test_requests_with_different_policies_batch_together(tmp_path):
+    """Each request's policy (SamplingParams.attention_policy) in one batch gives the tokens and logprobs that an
+    engine running that policy for all its requests gives it alone; a request naming dense reads every page under
+    an engine whose default is a sparse policy."""
+    from conftest import make_tiny_model
+    from afdserve import LLM, SamplingParams
+
+    make_tiny_model(tmp_path, "llama", num_hidden_layers=3)
+    prompt = list(range(3, 63))
+    params = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+
+    def run(llm, policies):
+        outs = llm.generate([prompt] * len(policies), [SamplingParams(**params, attention_policy=p)
+                                                     for p in policies], use_tqdm=False)
+        return [(o.outputs[0].token_ids, [{t: round(lp.logprob, 4) for t, lp in step.items()}
+                                          for step in o.outputs[0].logprobs]) for o in outs]
+
+    alone = {}
+    for name, spec in [("dense", None), *SPARSE.items()]:
+        args = {} if spec is None else dict(attention_policy=name, attention_policy_config={
+            k: v for k, v in spec.items() if k != "name"})
+        with LLM(str(tmp_path), dtype="float32", block_size=8, **args) as llm:
+            (alone[name],) = run(llm, [None])
+    assert len({str(v) for v in alone.values()}) > 1  # the budgets are small enough to change the output
+    with LLM(str(tmp_path), dtype="float32", block_size=8, attention_policy="quest",
+             attention_policy_config={"budget_pages": 1}) as llm:
+        mixed = run(llm, [SPARSE["delta"], {"name": "dense"}, SPARSE["prflash"], SPARSE["hyperattention"],
+                          SPARSE["sparsed"], SPARSE["quest"]])
+    assert mixed == [alone[name] for name in ("delta", "dense", "prflash", "hyperattention", "sparsed", "quest")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"budget_pages": 2}, "attention_policy needs a \"name\""),
+    ({"name": "delta", "full_layers": [0, 9]}, "full_layers \\[0, 9\\] name a layer"),
+    ({"name": "prflash", "budget_pages": float("nan")}, "budget_pages must be a finite number"),
+])
+def test_a_bad_request_policy_is_refused_before_it_is_queued(tmp_path, spec, message):
+    from conftest import make_tiny_model
+    from afdserve import LLM, SamplingParams
+
+    make_tiny_model(tmp_path, "llama")
+    with LLM(str(tmp_path), dtype="float32") as llm:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([[5, 6]], SamplingParams(max_tokens=2, attention_policy=spec), use_tqdm=False)
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.num_kv_blocks
+
+
+# ---- HyperAttention ---------------------------------------------------------------------------------------------
+
+def test_gray_ranks_put_one_bit_between_neighbours():
+    from afdserve.kernels.attention.sparse.hyper import gray_ranks
+    ranks = gray_ranks(7)
+    pattern_at = torch.empty_like(ranks)
+    pattern_at[ranks] = torch.arange(128)
+    assert sorted(ranks.tolist()) == list(range(128))
+    assert all(bin(int(a) ^ int(b)).count("1") == 1 for a, b in zip(pattern_at[:-1], pattern_at[1:]))
+
+
+def test_hyperattention_reads_the_bucket_range_exactly_and_samples_the_rest():
+    """Against the definition, per (sequence, KV head): key buckets from the LSH's sign bits, the smallest bucket
+    radius around the mean query's bucket holding >= block_tokens keys, its pages (and the last) exact; of the other
+    pages ceil(sample_tokens / page) drawn, each weighted log(rest / drawn); short sequences read every page."""
+    from afdserve.kernels.attention.sparse.hyper import HyperAttentionPolicy
+    seq_lens = [61, 9, 47]
+    cache, decodes, keys, _ = _batch(seq_lens, seed=11)
+    policy = _bind(HyperAttentionPolicy(block_tokens=10, sample_tokens=2 * PAGE, min_seq_len=12), cache)
+    lsh = policy.buckets.lsh
+    q = torch.randn(len(seq_lens), 6, 8, generator=torch.Generator().manual_seed(12))
+    pages, counts, weights = policy.select(0, q, cache, decodes, 1.0)
+    for s, n in enumerate(seq_lens):
+        num_pages = -(-n // PAGE)
+        for h in range(2):
+            kept = pages[s, h, :counts[s, h]].tolist()
+            w = dict(zip(kept, weights[s, h, :counts[s, h]].tolist()))
+            if n <= 12:
+                assert kept == list(range(num_pages)) and set(w.values()) == {0.0}
+                continue
+            bits = (keys[s][h].float() @ lsh.projections) > 0  # [n, r]
+            key_bucket = [int(lsh.ranks[int(sum(int(b) << i for i, b in enumerate(row)))]) for row in bits]
+            q_bits = (q[s, 3 * h:3 * h + 3].mean(0) @ lsh.projections) > 0
+            q_bucket = int(lsh.ranks[int(sum(int(b) << i for i, b in enumerate(q_bits)))])
+            distance = [abs(b - q_bucket) for b in key_bucket]
+            radius = next(r for r in range(128) if sum(d <= r for d in distance) >= 10)
+            exact = {t // PAGE for t in range(n) if distance[t] <= radius} | {num_pages - 1}
+            rest = set(range(num_pages)) - exact
+            drawn = [j for j in kept if j not in exact]
+            assert exact <= set(kept) and set(drawn) <= rest
+            assert len(drawn) == min(2, len(rest))
+            assert all(w[j] == 0.0 for j in exact)
+            assert all(abs(w[j] - math.log(len(rest) / len(drawn))) < 1e-6 for j in drawn)
+
+
+def test_hyperattention_buckets_follow_writes():
+    from afdserve.kernels.attention.sparse.hyper import HyperAttentionPolicy
+    cache, decodes, keys, _ = _batch([20], seed=13)
+    state = _bind(HyperAttentionPolicy(), cache).buckets
+    new_keys = torch.randn(3, 2, 8)
+    block = decodes.block_tables[0, 1]
+    state.on_write(0, new_keys, torch.tensor([1, 2, 3]) + block * PAGE)
+    assert torch.equal(state.buckets[0][:, block, 1:4], state.lsh(new_keys).transpose(0, 1))
+    assert torch.equal(state.buckets[0][:, decodes.block_tables[0, 0]], state.lsh(keys[0][:, :PAGE]))
+
+
+# ---- SparseD ----------------------------------------------------------------------------------------------------
+
+def _reference_sparsed_choice(q, keys, seq_len, keep_fraction, scale, kv_heads=2):
+    """Per KV head: page score = mean over the page's tokens of the max over the head's query heads of the full
+    softmax probability; the int(pages * keep_fraction) + 1 best."""
+    group = q.shape[0] // kv_heads
+    num_pages = -(-seq_len // PAGE)
+    chosen = []
+    for kv in range(kv_heads):
+        probs = torch.stack([(keys[kv, :seq_len].double() @ q[h].double() * scale).softmax(0)
+                             for h in range(kv * group, (kv + 1) * group)]).amax(0)
+        score = [probs[j * PAGE:(j + 1) * PAGE].mean().item() for j in range(num_pages)]
+        chosen.append(set(sorted(range(num_pages), key=lambda j: -score[j])[:int(num_pages * keep_fraction) + 1]))
+    return chosen
+
+
+def test_sparsed_selects_per_head_after_the_skipped_steps_and_reuses_the_choice():
+    from afdserve.kernels.attention.sparse.sparsed import SparseDPolicy
+    cache, decodes, keys, _ = _batch([50], seed=14)
+    policy = _bind(SparseDPolicy(keep_fraction=0.25, skip_steps=2, refresh_steps=3), cache)
+    state = {}
+    g = torch.Generator().manual_seed(15)
+
+    def step(seq_len, decode_step):
+        batch = DecodeBatch(decodes.block_tables, torch.tensor([seq_len]), PAGE, decodes.seeds,
+                            decode_steps=[decode_step], request_states=[state])
+        q = torch.randn(1, 6, 8, generator=g) * 3
+        pages, counts, _ = policy.select(0, q, cache, batch, 0.4)
+        return q, [set(pages[0, h, :counts[0, h]].tolist()) for h in range(2)]
+
+    every = [set(range(-(-41 // PAGE)))] * 2
+    assert step(41, 0)[1] == every  # skipped: every page
+    q, pages = step(42, 2)  # the selection step reads every page, and chooses
+    assert pages == [set(range(11))] * 2
+    assert [set(c.tolist()) for c in state[("sparsed", 0)][0]] == _reference_sparsed_choice(q[0], keys[0], 42, 0.25,
+                                                                                              0.4)
+    chosen = _reference_sparsed_choice(q[0], keys[0], 42, 0.25, 0.4)
+    _, pages = step(45, 3)  # reuse: the choice, the pages made since (11 and on), the sink and the last
+    assert pages == [c | {0, 11} for c in chosen]
+    q, _ = step(47, 5)  # two refreshes on: a new selection
+    assert [set(c.tolist()) for c in state[("sparsed", 0)][0]] == _reference_sparsed_choice(q[0], keys[0], 47, 0.25,
+                                                                                              0.4)

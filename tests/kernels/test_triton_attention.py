@@ -251,7 +251,8 @@ def test_select_attention_backend(monkeypatch):
 
 @pytest.mark.skipif(not INTERPRET, reason="the engine runs on CPU; on CUDA the kernel tests above cover the kernels")
 @pytest.mark.parametrize("kv_cache_dtype, policy", [("auto", None), ("fp8_e4m3", None), ("auto", "delta"),
-                                                    ("fp8_e4m3", "quest"), ("auto", "prflash")])
+                                                    ("fp8_e4m3", "quest"), ("auto", "prflash"),
+                                                    ("auto", "hyperattention")])
 def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype, policy):
     """Prompts of 1, 7 and 40 tokens with 16-token steps: prefill chunks with and without a cached prefix, decodes,
     and steps that mix both, through ModelRunner's real metadata; fp8: the Triton kernel reads the codes that the
@@ -267,7 +268,8 @@ def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype, 
     for backend in ("torch", "triton"):
         policy_args = {} if policy is None else dict(attention_policy=policy, attention_policy_config={
             "delta": {"budget_pages": 1, "recent_pages": 1, "full_layers": [0]}, "quest": {"budget_pages": 1,
-            "dense_layers": 0}, "prflash": {"budget_pages": 1.5, "reweight": True}}[policy])
+            "dense_layers": 0}, "prflash": {"budget_pages": 1.5, "reweight": True},
+            "hyperattention": {"block_tokens": 4, "sample_tokens": 16, "min_seq_len": 0}}[policy])
         with LLM(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=16,
                  attention_backend=backend, kv_cache_dtype=kv_cache_dtype, **policy_args) as llm:
             assert isinstance(llm.engine.core.executor.runner.model.layers[0].self_attn.attn,

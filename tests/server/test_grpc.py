@@ -3,6 +3,7 @@ driven by a client built from the committed .proto stubs. One event loop for the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from afdserve.engine.server.proto.afdserve.v1 import generation_pb2_grpc as pb_g
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2-test"
 PROMPT = "The capital of France is"
+LONG_PROMPT = " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 8)  # ~8 pages
+QUEST_POLICY = {"name": "quest", "budget_pages": 2}
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, num_kv_blocks=64)
 
 
@@ -82,8 +85,10 @@ def offline(smollm2_dir):
     params = SamplingParams(temperature=0.0, max_tokens=12)
     prompt_ids = llm.tokenizer.encode(PROMPT)
     text_out, ids_out = llm.generate([PROMPT, prompt_ids], params, use_tqdm=False)
+    sparse_out = llm.generate([LONG_PROMPT], SamplingParams(temperature=0.0, max_tokens=12,
+                                                            attention_policy=QUEST_POLICY), use_tqdm=False)[0]
     llm.engine.shutdown()
-    return SimpleNamespace(text=text_out, ids=ids_out, prompt_ids=prompt_ids)
+    return SimpleNamespace(text=text_out, ids=ids_out, prompt_ids=prompt_ids, sparse=sparse_out)
 
 
 def greedy(max_tokens: int = 12, **kw) -> pb.SamplingParams:
@@ -118,6 +123,13 @@ def test_streaming_generate_matches_offline(served, offline):
     assert (complete.index, complete.finish_reason) == (0, want.finish_reason)
     assert complete.prompt_tokens == len(offline.prompt_ids)
     assert complete.completion_tokens == len(want.token_ids) == 12
+
+
+def test_attention_policy_matches_offline(served, offline):
+    """SamplingParams.attention_policy as JSON text: Quest on 2 of the prompt's ~8 pages, as offline."""
+    request = pb.GenerateRequest(text=LONG_PROMPT, sampling=greedy(attention_policy=json.dumps(QUEST_POLICY)))
+    responses = served.call(lambda stub, _: collect(stub.Generate(request)))
+    assert [t for r in responses[:-1] for t in r.chunk.token_ids] == offline.sparse.outputs[0].token_ids
 
 
 def test_token_ids_input_non_stream(served, offline):
@@ -189,6 +201,8 @@ BAD_REQUESTS = {
     "logit_bias token out of range": (dict(text=PROMPT, sampling=pb.SamplingParams(logit_bias={10**9: 1.0})),
                                       "sampling.logit_bias"),
     "prompt over the context": (dict(token_ids=pb.TokenIds(ids=[1] * 300)), "token_ids"),
+    "unknown attention policy": (dict(text=PROMPT, sampling=pb.SamplingParams(attention_policy='{"name": "x"}')),
+                                 "sampling.attention_policy"),
     "text over the context": (dict(text="word " * 3000), "text"),
     # the same context check as HTTP's: prompt + max_tokens must fit
     "max_tokens over the context": (dict(text=PROMPT, sampling=pb.SamplingParams(max_tokens=1000)),

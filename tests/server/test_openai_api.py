@@ -289,3 +289,18 @@ def test_models_tokenize_detokenize_health_version(client, api_server):
     assert detok == {"prompt": PROMPTS[0]}
     assert httpx.get(api_server.url("/health")).status_code == 200
     assert httpx.get(api_server.url("/version")).json()["version"]
+
+
+def test_a_request_attention_policy_gets_the_offline_apis_tokens(client, reference, api_server):
+    """afdserve's "attention_policy" body field: a DELTA request on a 3-page budget (of the prompt's ~20 pages) gets
+    the tokens the offline API gives with that policy; a bad policy is a 400 naming the field."""
+    from pydoc_data.topics import topics
+    prompt = topics["assert"][:1200]
+    policy = {"name": "delta", "budget_pages": 3, "recent_pages": 1}
+    want = offline(reference, prompt, temperature=0, max_tokens=12, ignore_eos=True, attention_policy=policy)
+    resp = complete(client, prompt, temperature=0, max_tokens=12, extra_body={**NO_EOS, "attention_policy": policy})
+    assert resp.choices[0].text == want.outputs[0].text
+    r = httpx.post(api_server.url("/v1/chat/completions"), json={
+        "model": MODEL_NAME, "messages": MESSAGES, "attention_policy": {"name": "delta", "budget": 3}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "attention_policy", r.text
+    assert "budget" in r.json()["error"]["message"]

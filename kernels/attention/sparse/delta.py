@@ -43,7 +43,7 @@ class DeltaPolicy(AttentionPolicy):
                 raise ValueError(f"delta: full_layers must include layer 0 (the first selection needs full layers "
                                  f"before it), got {list(self.full_layers)}")
 
-    def allocate(self, layout: KVLayout) -> None:
+    def bind(self, layout: KVLayout, state: None) -> None:
         if self.full_layers is None:
             self.full_layers = default_full_layers(layout.num_layers)
         if self.full_layers[-1] >= layout.num_layers:
@@ -73,14 +73,18 @@ class DeltaPolicy(AttentionPolicy):
     def page_scores(q: torch.Tensor, kv_cache, decodes: DecodeBatch, scale: float) -> torch.Tensor:
         """[B, max_pages]: per page, the sum over its tokens of the max over query heads of the softmax
         probability of the full attention (a second pass over the keys, DELTA's engine mapping)."""
-        num_seqs, num_heads, head_dim = q.shape
-        tables = decodes.block_tables
-        keys = gather_kv(kv_cache, tables.reshape(-1))[0]  # [kv_heads, B * max_pages * page, head_dim]
-        kv_heads = keys.shape[0]
-        keys = keys.view(kv_heads, num_seqs, -1, head_dim).transpose(0, 1).float()  # [B, kv_heads, L, hd]
-        grouped = q.float().view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
-        logits = grouped @ keys.transpose(-1, -2) * scale  # [B, kv_heads, group, L]
-        mask = decode_mask_bias(decodes.seq_lens, keys.shape[2])  # [B, 1, L]
-        probs = torch.softmax(logits + mask[:, :, None, :], dim=-1)
-        token_scores = probs.amax(dim=(1, 2))  # [B, L]
-        return token_scores.view(num_seqs, tables.shape[1], decodes.page_size).sum(-1)
+        token_scores = attention_probabilities(q, kv_cache, decodes, scale).amax(dim=(1, 2))  # [B, L]
+        return token_scores.view(q.shape[0], -1, decodes.page_size).sum(-1)
+
+
+def attention_probabilities(q: torch.Tensor, kv_cache, decodes: DecodeBatch, scale: float) -> torch.Tensor:
+    """[B, kv_heads, group, max_pages * page]: full attention's softmax probabilities of each query head over
+    every token of its sequence (0 past the end), from a pass over the gathered keys."""
+    num_seqs, num_heads, head_dim = q.shape
+    keys = gather_kv(kv_cache, decodes.block_tables.reshape(-1))[0]  # [kv_heads, B * max_pages * page, hd]
+    kv_heads = keys.shape[0]
+    keys = keys.view(kv_heads, num_seqs, -1, head_dim).transpose(0, 1).float()  # [B, kv_heads, L, hd]
+    grouped = q.float().view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
+    logits = grouped @ keys.transpose(-1, -2) * scale  # [B, kv_heads, group, L]
+    mask = decode_mask_bias(decodes.seq_lens, keys.shape[2])  # [B, 1, L]
+    return torch.softmax(logits + mask[:, :, None, :], dim=-1)

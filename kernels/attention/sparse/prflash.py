@@ -71,7 +71,7 @@ class PrFlashPolicy(AttentionPolicy):
         if self.window_pages < 1:
             raise ValueError(f"prflash: window_pages must be >= 1 (the query's own page), got {self.window_pages}")
 
-    def allocate(self, layout: KVLayout) -> None:
+    def bind(self, layout: KVLayout, state: None) -> None:
         self.kv_heads = layout.kv_heads
 
     def probabilities(self, decodes: DecodeBatch) -> torch.Tensor:

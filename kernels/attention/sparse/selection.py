@@ -24,6 +24,10 @@ class DecodeBatch:
     page_size: int
     seeds: torch.Tensor  # [B] long: each request's sampling seed (0 without one), for seeded policies
     scratch: dict = field(default_factory=dict)  # state a policy passes from one layer to the next within the step
+    # Per sequence: how many decodes it ran before this one, and a dict the policy may keep choices in across steps
+    # (engine/request_state.RequestState.policy_state, dropped with the request).
+    decode_steps: list[int] = field(default_factory=list)
+    request_states: list[dict] = field(default_factory=list)
 
     @property
     def num_pages(self) -> torch.Tensor:
@@ -102,13 +106,3 @@ def selected_mask_bias(blocks: SelectedBlocks, page_size: int) -> torch.Tensor:
     if log_weights is not None:
         bias += log_weights.float().repeat_interleave(page_size, dim=-1)
     return bias.masked_fill_(position >= seq_lens[..., None], float("-inf"))
-
-
-def attended_fraction(selection: PageSelection | None, decodes: DecodeBatch) -> float:
-    """Kept tokens over all tokens, over the batch and heads (1.0 for dense): what bench sparse reports."""
-    if selection is None:
-        return 1.0
-    size = decodes.page_size
-    last_tokens = decodes.seq_lens - (decodes.num_pages - 1) * size
-    kept = ((selection.counts - 1) * size + last_tokens[:, None]).sum().item()
-    return kept / (decodes.seq_lens.sum().item() * selection.counts.shape[1])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x66\x64serve/v1/generation.proto\x12\x0b\x61\x66\x64serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf8\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.afdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x04\n\x02_n\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\nrequest_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.afdserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.afdserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_request_id\"\xa7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.afdserve.v1.ChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.afdserve.v1.CompleteH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.afdserve.v1.ErrorH\x00\x42\n\n\x08response\"7\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"b\n\x08\x43omplete\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"O\n\x05\x45rror\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x18\n\x10http_status_code\x18\x02 \x01(\r\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"8\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.afdserve.v1.Model2\xef\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.afdserve.v1.GenerateRequest\x1a\x1d.afdserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.afdserve.v1.TokenizeRequest\x1a\x1d.afdserve.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.afdserve.v1.ListModelsRequest\x1a\x1f.afdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x66\x64serve/v1/generation.proto\x12\x0b\x61\x66\x64serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xac\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.afdserve.v1.SamplingParams.LogitBiasEntry\x12\x1d\n\x10\x61ttention_policy\x18\x10 \x01(\tH\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x13\n\x11_attention_policy\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\nrequest_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.afdserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.afdserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_request_id\"\xa7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.afdserve.v1.ChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.afdserve.v1.CompleteH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.afdserve.v1.ErrorH\x00\x42\n\n\x08response\"7\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"b\n\x08\x43omplete\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"O\n\x05\x45rror\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x18\n\x10http_status_code\x18\x02 \x01(\r\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"8\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.afdserve.v1.Model2\xef\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.afdserve.v1.GenerateRequest\x1a\x1d.afdserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.afdserve.v1.TokenizeRequest\x1a\x1d.afdserve.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.afdserve.v1.ListModelsRequest\x1a\x1f.afdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=45
   _globals['_TOKENIDS']._serialized_end=68
   _globals['_SAMPLINGPARAMS']._serialized_start=71
-  _globals['_SAMPLINGPARAMS']._serialized_end=703
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=483
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=531
-  _globals['_GENERATEREQUEST']._serialized_start=706
-  _globals['_GENERATEREQUEST']._serialized_end=910
-  _globals['_GENERATERESPONSE']._serialized_start=913
-  _globals['_GENERATERESPONSE']._serialized_end=1080
-  _globals['_CHUNK']._serialized_start=1082
-  _globals['_CHUNK']._serialized_end=1137
-  _globals['_COMPLETE']._serialized_start=1139
-  _globals['_COMPLETE']._serialized_end=1237
-  _globals['_ERROR']._serialized_start=1239
-  _globals['_ERROR']._serialized_end=1318
-  _globals['_TOKENIZEREQUEST']._serialized_start=1320
-  _globals['_TOKENIZEREQUEST']._serialized_end=1422
-  _globals['_TOKENIZERESPONSE']._serialized_start=1424
-  _globals['_TOKENIZERESPONSE']._serialized_end=1499
-  _globals['_LISTMODELSREQUEST']._serialized_start=1501
-  _globals['_LISTMODELSREQUEST']._serialized_end=1520
-  _globals['_MODEL']._serialized_start=1522
-  _globals['_MODEL']._serialized_end=1578
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1580
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1636
-  _globals['_GENERATION']._serialized_start=1639
-  _globals['_GENERATION']._serialized_end=1878
+  _globals['_SAMPLINGPARAMS']._serialized_end=755
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=514
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=562
+  _globals['_GENERATEREQUEST']._serialized_start=758
+  _globals['_GENERATEREQUEST']._serialized_end=962
+  _globals['_GENERATERESPONSE']._serialized_start=965
+  _globals['_GENERATERESPONSE']._serialized_end=1132
+  _globals['_CHUNK']._serialized_start=1134
+  _globals['_CHUNK']._serialized_end=1189
+  _globals['_COMPLETE']._serialized_start=1191
+  _globals['_COMPLETE']._serialized_end=1289
+  _globals['_ERROR']._serialized_start=1291
+  _globals['_ERROR']._serialized_end=1370
+  _globals['_TOKENIZEREQUEST']._serialized_start=1372
+  _globals['_TOKENIZEREQUEST']._serialized_end=1474
+  _globals['_TOKENIZERESPONSE']._serialized_start=1476
+  _globals['_TOKENIZERESPONSE']._serialized_end=1551
+  _globals['_LISTMODELSREQUEST']._serialized_start=1553
+  _globals['_LISTMODELSREQUEST']._serialized_end=1572
+  _globals['_MODEL']._serialized_start=1574
+  _globals['_MODEL']._serialized_end=1630
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1632
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1688
+  _globals['_GENERATION']._serialized_start=1691
+  _globals['_GENERATION']._serialized_end=1930
 # @@protoc_insertion_point(module_scope)
