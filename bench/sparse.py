@@ -176,17 +176,25 @@ def format_sparse_result(result: dict) -> str:
 
 
 def plot_sparse_result(result: dict, path) -> None:
-    """Passkey accuracy (mean over depths) against attended fraction, one marker per policy and context."""
+    """Passkey accuracy (mean over depths) against attended fraction: a colour per policy, a marker per context."""
     from afdserve.bench.plot import pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    policies = list(dict.fromkeys(r["policy"] for r in result["rows"]))
+    contexts = list(dict.fromkeys(r["context"] for r in result["rows"]))
+    colours = plt.get_cmap("tab10")
+    markers = "os^Dv*"
     for r in result["rows"]:
-        accuracy = statistics.mean(r["passkey"].values())
-        ax.scatter(r["attended_fraction"], accuracy, label=f"{r['policy']} @ {r['context']}")
+        ax.scatter(r["attended_fraction"], statistics.mean(r["passkey"].values()), s=40,
+                   color=colours(policies.index(r["policy"]) % 10), marker=markers[contexts.index(r["context"]) % 6])
+    for i, policy in enumerate(policies):
+        ax.scatter([], [], color=colours(i % 10), marker="o", label=policy)
+    for i, context in enumerate(contexts):
+        ax.scatter([], [], color="grey", marker=markers[i % 6], label=f"{context} tokens")
     ax.set_xlabel("attended fraction of the KV tokens (decode)")
     ax.set_ylabel("passkey accuracy (mean over depths)")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="lower right")
     save_figure(plt, fig, path)

@@ -186,6 +186,8 @@ class ModelRunner:
         if item.num_tokens != 1:
             return None
         spec = self.requests[item.request_id].sampling_params.attention_policy
+        if spec is None and self.default_policy["name"] == "dense":
+            return None  # the common case, without a lookup per decode
         return self.attention_policies.get(spec or self.default_policy)
 
     def _sparse_step(self, decode_policies: list, meta: AttentionMetadata, seeds: torch.Tensor,

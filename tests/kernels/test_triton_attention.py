@@ -10,6 +10,9 @@ here from the math in float64, which reads each token straight from (block_table
 - the backend on a real step's metadata: a tiny random Llama generates the same greedy tokens with Triton forced
   under the interpreter as with the torch backend (prefill chunks with a cached prefix, decodes and both mixed),
   with a full-precision and with an fp8 KV cache;
+- attention policies (kernels/attention/sparse): a decode through per-(sequence, KV head) block tables and page
+  log-weights against the torch backend and a float64 softmax over the kept tokens; each policy on a one-page
+  budget giving the torch backend's tokens; every policy on a covering budget giving transformers' tokens;
 - num_kv_splits against hand-worked cases of the split rule, select_attention_backend, and bad input.
 
 TRITON_INTERPRET is set only around this module's import of triton_paged and around its tests, as in
@@ -276,3 +279,23 @@ def test_tiny_llama_greedy_tokens_equal_torch_backend(tmp_path, kv_cache_dtype, 
                               TorchPagedAttention if backend == "torch" else triton_paged.TritonPagedAttention)
             tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the engine runs on CPU; on CUDA the kernel tests above cover the kernels")
+def test_policies_whose_budget_covers_every_page_are_dense_on_triton(tmp_path):
+    """One batch, each request under another policy with a budget over all its pages (kernels/attention/sparse),
+    through the Triton kernels' per-head tables: every request gets transformers' greedy tokens (dense attention)."""
+    from conftest import hf_greedy, make_tiny_model
+    from afdserve import LLM, SamplingParams
+
+    hf = make_tiny_model(tmp_path, "llama", num_hidden_layers=3)
+    prompt = list(range(10, 50))
+    covering = [{"name": "dense"}, {"name": "quest", "dense_layers": 0}, {"name": "delta", "full_layers": [0]},
+                {"name": "prflash", "reweight": True}, {"name": "hyperattention", "block_tokens": 512,
+                                                        "min_seq_len": 0},
+                {"name": "sparsed", "keep_fraction": 1.0, "skip_steps": 1, "refresh_steps": 2}]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, attention_policy=p) for p in covering]
+    with LLM(str(tmp_path), dtype="float32", block_size=16, attention_backend="triton") as llm:
+        outs = llm.generate([prompt] * len(covering), params, use_tqdm=False)
+    want = hf_greedy(hf, prompt, 6)
+    assert [o.outputs[0].token_ids for o in outs] == [want] * len(covering)

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/../../.."
 OUT=bench/results/sparse
 .venv/bin/afdserve bench sparse --model smollm2 --dtype bfloat16 --trials "${TRIALS:-20}" \
   --policies dense quest delta '{"name": "delta", "budget_pages": 32}' prflash hyperattention sparsed \
-  --json $OUT/sparse.json --plot $OUT/sparse.png 2> $OUT/stderr.log | tee $OUT/sparse.txt
+  --json $OUT/sparse.json --plot $OUT/sparse.png 2> "${TMPDIR:-/tmp}/bench-sparse-progress.log" | tee $OUT/sparse.txt
