@@ -21,6 +21,7 @@ from afdserve.engine.request import Request
 from afdserve.engine.request_cost import CostMeter
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
+from afdserve.kernels.attention.sparse.registry import parse_policy_params
 from afdserve.models.hf_config import load_transformer_config, resolve_dtype
 from afdserve.models.model_path import default_cache_dir, resolve_model_path
 
@@ -40,6 +41,9 @@ class LLMEngine:
             logger.warning("this CPU has no native %s kernels (torch sees %s): dtype auto runs %s; --dtype %s forces "
                            "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
         self.kv_spec = kv_cache_spec_for(config, self.model_config)
+        # The engine's own attention policy, checked against the model before any worker starts.
+        self._check_attention_policy({"name": config.model.attention_policy,
+                                      **parse_policy_params(config.model.attention_policy_config)})
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
         if self.kv_spec.stairs and self.kv_spec.max_seqs < config.scheduler.max_num_seqs:
@@ -115,15 +119,21 @@ class LLMEngine:
                 raise ValueError(f"{name} must be at most the vocabulary size {vocab}, got {k}")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(params.logit_bias), "logit_bias keys")
-        policy = params.attention_policy
-        if policy is not None and policy["name"] != "dense":
-            if self.config.cache.kv_cache_dtype in ("int4", "saq"):
-                raise ValueError(f"attention_policy {policy['name']!r} picks KV blocks by id, which this server's "
-                                 f"kv_cache_dtype {self.config.cache.kv_cache_dtype!r} moves between stores")
-            layers = policy.get("full_layers") or ()
-            if any(layer >= self.model_config.num_layers for layer in layers):
-                raise ValueError(f"attention_policy full_layers {list(layers)} name a layer this model (of "
-                                 f"{self.model_config.num_layers}) does not have")
+        if params.attention_policy is not None:
+            self._check_attention_policy(params.attention_policy)
+
+    def _check_attention_policy(self, policy: dict) -> None:
+        """What a policy spec (already checked on its own) needs of this engine: a KV cache addressed by block id,
+        and the layers it names."""
+        if policy["name"] == "dense":
+            return
+        if self.config.cache.kv_cache_dtype in ("int4", "saq"):
+            raise ValueError(f"attention_policy {policy['name']!r} picks KV blocks by id, which this server's "
+                             f"kv_cache_dtype {self.config.cache.kv_cache_dtype!r} moves between stores")
+        layers = policy.get("full_layers") or ()
+        if any(layer >= self.model_config.num_layers for layer in layers):
+            raise ValueError(f"attention_policy full_layers {list(layers)} name a layer this model (of "
+                             f"{self.model_config.num_layers}) does not have")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

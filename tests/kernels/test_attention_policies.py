@@ -360,6 +360,15 @@ def test_a_bad_request_policy_is_refused_before_it_is_queued(tmp_path, spec, mes
         assert llm.engine.core.kv.num_free_blocks == llm.engine.num_kv_blocks
 
 
+def test_an_engine_policy_naming_layers_the_model_lacks_fails_at_start(tmp_path):
+    from conftest import make_tiny_model
+    from afdserve import LLM
+
+    make_tiny_model(tmp_path, "llama")  # 2 layers
+    with pytest.raises(ValueError, match="full_layers \\[0, 5\\] name a layer this model \\(of 2\\)"):
+        LLM(str(tmp_path), dtype="float32", attention_policy="delta", attention_policy_config={"full_layers": [0, 5]})
+
+
 # ---- HyperAttention ---------------------------------------------------------------------------------------------
 
 def test_gray_ranks_put_one_bit_between_neighbours():

@@ -36,7 +36,7 @@ def parse_policy_params(text: str | dict | None) -> dict[str, Any]:
 
 
 def make_policy(name: str, params: str | dict | None = None) -> AttentionPolicy:
-    """A new policy (its state not yet allocated), its parameters checked: an unknown name or key, or a value of the
+    """A new policy (not yet bound to a cache), its parameters checked: an unknown name or key, or a value of the
     wrong type, is a ValueError naming it."""
     if name not in POLICIES:
         raise ValueError(f"unknown attention policy {name!r}; known: {', '.join(POLICY_NAMES)}")
@@ -87,10 +87,6 @@ def _checked(policy: str, key: str, value: Any, default: Any) -> Any:
     raise ValueError(f"attention policy {policy!r}: {key} must be {expected}, got {value!r}")
 
 
-def policy_spec_key(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True)
-
-
 class AttentionPolicies:
     """The policies a runner serves: the engine's default and any a request names, each built on first use; one
     state per kind, shared by the policies of that kind."""
@@ -104,7 +100,7 @@ class AttentionPolicies:
 
     def get(self, spec: dict) -> AttentionPolicy | None:
         """The policy of spec {"name": ..., parameters...} (checked when the request was made); None for dense."""
-        key = policy_spec_key(spec)
+        key = json.dumps(spec, sort_keys=True)
         if key in self.policies:
             self.policies.move_to_end(key)
             return self.policies[key]

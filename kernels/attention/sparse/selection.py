@@ -45,13 +45,6 @@ class PageSelection(NamedTuple):
     log_weights: torch.Tensor | None = None  # [B, kv_heads, k] float, added to the logits of each kept page's tokens
 
 
-def all_pages(decodes: DecodeBatch, kv_heads: int) -> PageSelection:
-    """Every page of every sequence, for every head: dense attention as a selection."""
-    num_seqs, max_pages = decodes.block_tables.shape
-    pages = torch.arange(max_pages, device=decodes.seq_lens.device).expand(num_seqs, kv_heads, max_pages)
-    return PageSelection(pages, decodes.num_pages[:, None].expand(num_seqs, kv_heads))
-
-
 def top_pages(scores: torch.Tensor, budget: int, decodes: DecodeBatch) -> PageSelection:
     """The `budget` highest-scoring pages per row of scores [B, kv_heads, max_pages] (a page scored +inf is always
     kept; a page past the sequence is never), plus the last page, ascending."""
