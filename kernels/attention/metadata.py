@@ -50,7 +50,7 @@ class AttentionMetadata:
 
     def decode_segments(self, layer: int, q: torch.Tensor, kv_cache, scale: float) -> list:
         """The decode rows as (start, stop, blocks) runs, one per attention policy in the step: blocks is the
-        policy's sparse_selection.SelectedBlocks at `layer`, or None where every page is read."""
+        policy's sparse.selection.SelectedBlocks at `layer`, or None where every page is read."""
         if not self.num_decodes:
             return []
         if self.sparse is None:
