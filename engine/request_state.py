@@ -25,7 +25,7 @@ class RequestState:
         self.block_ids: list[int] = []
         self.generator: torch.Generator | None = None  # made on first use, for a request with a seed
         self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs were returned already
-        self.policy_state: dict = {}  # an attention policy's choices for this request (SparseD's pages), dropped with it
+        self.policy_state: dict = {}  # an attention policy's choices for this request (SparseD's pages)
 
     @property
     def num_prompt_tokens(self) -> int:

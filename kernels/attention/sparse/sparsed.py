@@ -3,9 +3,9 @@
 SparseD observed that attention patterns differ between heads but hardly change from one denoising step to the
 next, and that early steps matter most. Our decode adaptation: a request's first `skip_steps` decodes read every
 page; then at a selection step each KV head scores the pages by the mean over the page's tokens of its query heads'
-largest softmax probability (a full read), keeps the int(pages * keep_fraction) + 1 best, and the next `refresh_steps` - 1
-decodes read those pages plus every page made since the selection, the first page and the last; then it selects
-again. The choice is per request and layer, kept in the request's policy state and dropped with it.
+largest softmax probability (a full read), keeps the int(pages * keep_fraction) + 1 best, and the next
+`refresh_steps` - 1 decodes read those pages plus every page made since the selection, the first page and the last;
+then it selects again. The choice is per request and layer, kept in the request's policy state and dropped with it.
 """
 from __future__ import annotations
 
