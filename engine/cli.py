@@ -301,7 +301,7 @@ def _bench_sparse(args: argparse.Namespace) -> int:
 
     policies = tuple(json.loads(p) if p.lstrip().startswith("{") else {"name": p} for p in args.policies)
     spec = SparseBenchSpec(policies, tuple(args.contexts), args.scored_tokens, tuple(args.depths), args.trials,
-                           args.chunk)
+                           args.chunk, args.prefill_reps)
     config = engine_config_from_args(args)
     result = run_sparse_bench(config, spec)
     print(format_sparse_result(result))
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     kvq.add_argument("--json", default=None)
     kvq.set_defaults(func=_bench_kv_quant)
     sp = bench_sub.add_parser("sparse", help="attention policies on long text: decode perplexity, passkey "
-                                             "retrieval, attended fraction and decode time per context")
+                                             "retrieval, attended fraction, decode and prefill time per context")
     add_engine_args(sp)
     sp.add_argument("--policies", nargs="+", default=["dense", "quest", "delta", "prflash"],
                     help="policy names, or JSON objects with parameters ('{\"name\": \"delta\", \"budget_pages\": "
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="where the pass key sits")
     sp.add_argument("--trials", type=int, default=20, help="passkey trials per depth")
     sp.add_argument("--chunk", type=int, default=512, help="prefill chunk of the perplexity text")
+    sp.add_argument("--prefill-reps", type=int, default=3,
+                    help="one-chunk prefills timed per context for dense and each policy with its own prefill")
     sp.add_argument("--json", default=None)
     sp.add_argument("--plot", default=None, help="passkey accuracy against attended fraction (needs matplotlib)")
     sp.set_defaults(func=_bench_sparse)

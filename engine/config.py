@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from afdserve.kernels.attention import ATTENTION_BACKENDS
-from afdserve.kernels.attention.sparse.registry import POLICY_NAMES, make_policy
+from afdserve.kernels.attention.sparse.registry import POLICY_NAMES, make_policy, parse_policy_params
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -42,7 +42,8 @@ class ModelConfig:
                                             "for small batches); CPU; MoE experts keep the model dtype",
                                       choices=QUANTIZATIONS)
     attention_policy: str = option("dense", "which KV pages a decode query reads: dense (every page), or a sparse "
-                                            "policy (kernels/attention/sparse)",
+                                            "policy (kernels/attention/sparse); hyperattention also approximates "
+                                            "prefills over min_seq_len tokens",
                                    choices=POLICY_NAMES)
     # A JSON text from the CLI; from Python, a dict as well (kernels/attention/sparse/registry.parse_policy_params).
     attention_policy_config: str | None = option(None, "the policy's parameters as a JSON object, e.g. "
@@ -68,6 +69,11 @@ class ModelConfig:
         if self.quantization is not None and self.device != "cpu":
             raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's weight-only CPU kernels); "
                              f"leave it unset on {self.device}")
+
+    @property
+    def attention_policy_spec(self) -> dict:
+        """The engine's attention policy as a request names one: {"name": ..., parameters...}."""
+        return {"name": self.attention_policy, **parse_policy_params(self.attention_policy_config)}
 
 
 def resolve_device(name: str) -> str:

@@ -36,7 +36,7 @@ class EngineCore:
         # One KV cache per attention rank: data-parallel attention (AFD with x > 1 attention workers) has several.
         num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
         self.kv_managers = [KVCacheManager(num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
-                                           kv_spec) for _ in range(num_ranks)]
+                                           kv_spec, config.model.attention_policy_spec) for _ in range(num_ranks)]
         slo_ms = config.scheduler.tpot_slo_ms
         self.sla = TPOTController(slo_ms / 1000) if slo_ms is not None else None  # config refuses it with x > 1
         self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len, sla=self.sla)

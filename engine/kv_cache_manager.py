@@ -6,11 +6,15 @@ pool cannot take the blocks the step writes, so the scheduler preempts or waits 
 
 Prefix caching hashes full blocks only, each hash chained on its parent's:
     h_i = blake2b(h_{i-1} || tokens of block i)
-so a hit on block i implies the whole prefix up to it matches.
+so a hit on block i implies the whole prefix up to it matches. A block whose KV an attention policy computed also
+hashes the policy: KV from sparse or approximate attention is not dense KV (a layer's attention output feeds the next
+layer's keys and values), so it is shared only with requests of the same policy. A decode-only policy's prompt
+blocks are dense KV and shared with every request; a policy with a prefill of its own (HyperAttention) marks them all.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from array import array
 from dataclasses import dataclass
 
@@ -18,12 +22,16 @@ from afdserve.engine.block_pool import BlockHash, BlockPool, KVBlock
 from afdserve.engine.kv_staircase import KVStaircase, StairMove
 from afdserve.engine.request import Request
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec
+from afdserve.kernels.attention.sparse.registry import POLICIES
 
 
-def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
+def hash_block(parent: BlockHash | None, token_ids: list[int], policy: dict | None = None) -> BlockHash:
+    """policy: the attention policy that computed the block's KV; None: dense attention."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent or b"")
     h.update(array("q", token_ids).tobytes())
+    if policy is not None:
+        h.update(json.dumps(policy, sort_keys=True).encode())
     return h.digest()
 
 
@@ -34,8 +42,11 @@ class PrefixHit:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, spec: KVCacheSpec | None = None):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, spec: KVCacheSpec | None = None,
+                 default_policy: dict | None = None):
+        """default_policy: the engine's attention policy, for requests that name none (None: dense)."""
         self.block_size = block_size
+        self.default_policy = default_policy
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.staircase = None
         if spec is not None and spec.stairs:
@@ -132,8 +143,17 @@ class KVCacheManager:
         bs = self.block_size
         while (len(hashes) + 1) * bs <= request.num_tokens:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.all_token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.all_token_ids[i * bs:(i + 1) * bs],
+                                     self._policy_of_block(request, i)))
         return hashes
+
+    def _policy_of_block(self, request: Request, index: int) -> dict | None:
+        """The attention policy that computes block `index`'s KV; None: dense attention."""
+        policy = request.sampling_params.attention_policy or self.default_policy
+        if policy is None or policy["name"] == "dense":
+            return None
+        holds_output = (index + 1) * self.block_size > request.num_prompt_tokens
+        return policy if holds_output or POLICIES[policy["name"]].has_prefill else None
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         # Blocks become findable as soon as their tokens are scheduled: the step writes all K/V before any

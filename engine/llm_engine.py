@@ -21,7 +21,6 @@ from afdserve.engine.request import Request
 from afdserve.engine.request_cost import CostMeter
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
-from afdserve.kernels.attention.sparse.registry import parse_policy_params
 from afdserve.models.hf_config import load_transformer_config, resolve_dtype
 from afdserve.models.model_path import default_cache_dir, resolve_model_path
 
@@ -42,8 +41,7 @@ class LLMEngine:
                            "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
         self.kv_spec = kv_cache_spec_for(config, self.model_config)
         # The engine's own attention policy, checked against the model before any worker starts.
-        self._check_attention_policy({"name": config.model.attention_policy,
-                                      **parse_policy_params(config.model.attention_policy_config)})
+        self._check_attention_policy(config.model.attention_policy_spec)
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
         if self.kv_spec.stairs and self.kv_spec.max_seqs < config.scheduler.max_num_seqs:

@@ -19,7 +19,7 @@ from afdserve.kernels.attention import AttentionMetadata, PrefillSeq, kv_cache_s
 from afdserve.kernels.attention.kv_quant import KVShape, QuantizedKVCache
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec, KVStairView, KVStepPlan, kv_cache_spec
 from afdserve.kernels.attention.sparse.policy import AttentionPolicy, KVLayout, PolicyStep, SparseStep
-from afdserve.kernels.attention.sparse.registry import AttentionPolicies, parse_policy_params
+from afdserve.kernels.attention.sparse.registry import AttentionPolicies
 from afdserve.kernels.attention.sparse.selection import DecodeBatch
 from afdserve.kernels.attention.torch_paged import decode_mask_bias
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
@@ -90,8 +90,7 @@ class ModelRunner:
         model, cfg = self.config.model, self.model_config
         layout = KVLayout(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
                           self.device)
-        default = {"name": model.attention_policy, **parse_policy_params(model.attention_policy_config)}
-        return AttentionPolicies(layout, self.kv_caches), default
+        return AttentionPolicies(layout, self.kv_caches), model.attention_policy_spec
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
         """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
@@ -128,7 +127,8 @@ class ModelRunner:
         return self.kv_stairs.replay(sched.kv_moves.get(self.rank, []))
 
     def build_batch(self, scheduled: list[ScheduledRequest], kv_plan: KVStepPlan | None = None) -> FlatBatch:
-        # Decodes first, grouped by attention policy (dense first), so that each policy's rows are contiguous.
+        # Decodes first, grouped by attention policy (dense first), so that each policy's rows are contiguous; then
+        # prefills, dense first (the Triton backend runs those as one varlen batch).
         policies = [self._policy_of(item) for item in scheduled]
         group_of: dict[int, int] = {}
         for policy in policies:
@@ -158,7 +158,8 @@ class ModelRunner:
                 decode_steps.append(start - state.num_prompt_tokens)  # decodes the request ran before this one
                 decode_states.append(state.policy_state)
             else:
-                prefills.append(PrefillSeq(row, n, seq_len, self._tensor(blocks[:-(-seq_len // bs)])))
+                prefills.append(PrefillSeq(row, n, seq_len, self._tensor(blocks[:-(-seq_len // bs)]), policies[i],
+                                           state.sampling_params.seed or 0))
             wants_prompt_logprobs = bool(self._prompt_logprob_positions(item))
             wants_prompt.append(wants_prompt_logprobs)
             logits_rows.append((row, n) if wants_prompt_logprobs else (row + n - 1, 1))
@@ -182,13 +183,15 @@ class ModelRunner:
         return FlatBatch(order, self._tensor(input_ids), self._tensor(positions), meta, logits_rows, wants_prompt)
 
     def _policy_of(self, item: ScheduledRequest) -> AttentionPolicy | None:
-        """The request's attention policy for its decodes; None: dense."""
-        if item.num_tokens != 1:
-            return None
+        """The request's attention policy for this step: for a decode, or for a prefill chunk where the policy has a
+        prefill of its own; None: dense."""
         spec = self.requests[item.request_id].sampling_params.attention_policy
         if spec is None and self.default_policy["name"] == "dense":
-            return None  # the common case, without a lookup per decode
-        return self.attention_policies.get(spec or self.default_policy)
+            return None  # the common case, without a lookup per request
+        policy = self.attention_policies.get(spec or self.default_policy)
+        if item.num_tokens != 1 and (policy is None or not policy.has_prefill):
+            return None
+        return policy
 
     def _sparse_step(self, decode_policies: list, meta: AttentionMetadata, seeds: torch.Tensor,
                      steps: list[int], states: list[dict]) -> SparseStep:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afdserve.kernels.attention.metadata import AttentionMetadata
+from afdserve.kernels.attention.metadata import AttentionMetadata, PrefillSeq
 from afdserve.kernels.attention.sparse.selection import selected_mask_bias
 
 
@@ -128,5 +128,15 @@ class TorchPagedAttention:
                                              selected_mask_bias(chosen, meta.block_size), scale)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-            out[rows] = prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale)
+            if seq.policy is None:
+                out[rows] = prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale)
+            else:
+                out[rows] = policy_prefill(seq, q[rows], kv_cache, scale, layer)
         return out
+
+
+def policy_prefill(seq: PrefillSeq, q: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+                   layer: int) -> torch.Tensor:
+    """A prefill chunk whose attention policy computes it (both backends): q [n, heads, hd] -> [n, heads, hd]."""
+    k, v = gather_kv(kv_cache, seq.block_ids)[:, :, :seq.seq_len].to(q.dtype)  # each [kv_heads, seq_len, hd]
+    return seq.policy.prefill(layer, q, k, v, scale, seq.seed)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from afdserve.kernels.attention.metadata import AttentionMetadata
-from afdserve.kernels.attention.torch_paged import store_kv
+from afdserve.kernels.attention.torch_paged import policy_prefill, store_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -392,9 +392,13 @@ class TritonPagedAttention:
                 weights = None if chosen.log_weights is None else chosen.log_weights.to(device)
                 paged_decode(q[rows], codes, chosen.block_tables.to(device), chosen.seq_lens.to(device), scale,
                              out=out[rows], kv_scale=kv_scale, page_log_weights=weights)
-        if meta.prefills:
+        if meta.dense_prefills:
             batch = meta.prefill_batch
             paged_attention(q[nd:], codes, batch.block_tables.to(device), batch.seq_lens.to(device),
                             batch.query_start_loc.to(device), batch.max_query_len, scale, out=out[nd:],
                             kv_scale=kv_scale)
+        for seq in meta.prefills:  # a policy's own prefill (plain torch; policies run on unquantized caches only)
+            if seq.policy is not None:
+                rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+                out[rows] = policy_prefill(seq, q[rows], kv_cache, scale, layer)
         return out

@@ -20,11 +20,16 @@ def test_bench_sparse_scores_decodes_as_transformers_and_counts_the_pages_read(s
     hf = make_tiny_model(tmp_path, "llama", vocab_size=vocab)  # 2 layers
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_dir / name, tmp_path / name)
+    hyper_covering = {"name": "hyperattention", "block_tokens": 4096, "min_seq_len": 0}
+    hyper_small = {"name": "hyperattention", "block_tokens": 8, "sample_tokens": 8, "min_seq_len": 32}
     spec = SparseBenchSpec(policies=({"name": "dense"}, {"name": "quest", "budget_pages": 2, "dense_layers": 1},
-                                     {"name": "quest", "budget_pages": 64, "dense_layers": 0}),
-                           contexts=(CONTEXT,), scored_tokens=SCORED, depths=(0.5,), trials=1, chunk=32)
-    result = run_sparse_bench(engine_config(str(tmp_path), dtype="float32", block_size=PAGE), spec)
-    dense, small, covering = result["rows"]
+                                     {"name": "quest", "budget_pages": 64, "dense_layers": 0}, hyper_covering,
+                                     hyper_small),
+                           contexts=(CONTEXT,), scored_tokens=SCORED, depths=(0.5,), trials=1, chunk=32,
+                           prefill_reps=1)
+    result = run_sparse_bench(engine_config(str(tmp_path), dtype="float32", block_size=PAGE,
+                                            max_num_batched_tokens=CONTEXT), spec)
+    dense, small, covering = result["rows"][:3]
     print(format_sparse_result(result))
 
     from transformers import AutoTokenizer
@@ -50,3 +55,16 @@ def test_bench_sparse_scores_decodes_as_transformers_and_counts_the_pages_read(s
     # Its first layer reads every page, so no page goes unread in a step.
     assert small["unread_page_fraction"] == 0.0 and dense["unread_page_fraction"] == 0.0
     assert set(small["passkey"]) == {"0.5"} and 0 <= small["passkey"]["0.5"] <= 1
+
+    # Prefill rows: dense and the two HyperAttention policies (Quest has no prefill of its own), each the context as
+    # one chunk, scored over its last half: dense and the covering budget are transformers'; the small one is not.
+    prefill = {r["policy"]: r for r in result["prefill_rows"]}
+    assert len(prefill) == 3
+    second_half = range(CONTEXT // 2, CONTEXT - 1)
+    want = math.exp(-sum(logprobs[p, ids[p + 1]].item() for p in second_half) / len(second_half))
+    dense_prefill = prefill["dense"]
+    assert abs(dense_prefill["perplexity"] / want - 1) < 1e-4 and dense_prefill["speedup"] == 1.0
+    covering_prefill, small_prefill = (r for label, r in prefill.items() if label != "dense")
+    assert abs(covering_prefill["perplexity"] / want - 1) < 1e-4
+    assert abs(small_prefill["perplexity"] / want - 1) > 1e-3
+    assert all(r["prefill_s"] > 0 and r["attention_ms"] > 0 for r in prefill.values())

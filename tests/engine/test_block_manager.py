@@ -142,6 +142,47 @@ def test_chained_hash_needs_the_whole_prefix():
     assert admit(kv, make_request("e", [9, 9, 9, 9, 5, 6, 7, 8, 0])) == 4
 
 
+QUEST = {"name": "quest", "budget_pages": 4}
+HYPER = {"name": "hyperattention", "min_seq_len": 0}
+
+
+def decode(kv: KVCacheManager, request: Request, tokens: list[int]) -> None:
+    """Appends generated tokens one decode step at a time, as the scheduler does."""
+    for token in tokens:
+        request.append_output_token(token)
+        assert kv.allocate_slots(request, 1)
+        request.num_computed_tokens += 1
+
+
+def test_a_decode_only_policy_shares_its_prompt_blocks_but_not_the_blocks_it_generated():
+    # A sparse decode policy reads a dense prompt KV, so prompt blocks are shared both ways; a block holding tokens
+    # its sparse decodes wrote is another KV than dense decodes would write.
+    kv = KVCacheManager(32, BS, enable_prefix_caching=True)
+    prompt = list(range(40, 49))  # two full blocks and one token
+    a = make_request("a", prompt, attention_policy=QUEST)
+    admit(kv, a)
+    decode(kv, a, [7, 7, 7])  # the third block now holds a prompt token and three generated ones
+    assert admit(kv, make_request("dense", prompt)) == 8
+    # Those tokens as a prompt are prefilled densely, by any request: a's block is not their KV...
+    assert admit(kv, make_request("quest-long", prompt + [7, 7, 7, 0], attention_policy=QUEST)) == 8
+    # ...and the dense KV of that block, once computed, is every request's.
+    assert admit(kv, make_request("quest-again", prompt + [7, 7, 7, 0, 1], attention_policy=QUEST)) == 12
+    assert admit(kv, make_request("dense-long", prompt + [7, 7, 7, 0])) == 12
+
+
+def test_a_policy_with_its_own_prefill_shares_blocks_only_with_its_own_kind():
+    kv = KVCacheManager(32, BS, enable_prefix_caching=True)
+    prompt = list(range(60, 69))
+    admit(kv, make_request("dense", prompt))
+    assert admit(kv, make_request("hyper", prompt, attention_policy=HYPER)) == 0
+    assert admit(kv, make_request("hyper-again", prompt, attention_policy=HYPER)) == 8
+    # The engine's own policy applies to requests that name none; naming dense is then another KV.
+    kv = KVCacheManager(32, BS, enable_prefix_caching=True, default_policy=HYPER)
+    admit(kv, make_request("default", prompt))
+    assert admit(kv, make_request("named", prompt, attention_policy=HYPER)) == 8
+    assert admit(kv, make_request("dense", prompt, attention_policy={"name": "dense"})) == 0
+
+
 def test_prompt_logprobs_and_disabled_caching_skip_the_cache():
     kv = KVCacheManager(16, BS, enable_prefix_caching=True)
     tokens = list(range(20, 33))

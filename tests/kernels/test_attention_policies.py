@@ -372,7 +372,7 @@ def test_an_engine_policy_naming_layers_the_model_lacks_fails_at_start(tmp_path)
 # ---- HyperAttention ---------------------------------------------------------------------------------------------
 
 def test_gray_ranks_put_one_bit_between_neighbours():
-    from afdserve.kernels.attention.sparse.hyper import gray_ranks
+    from afdserve.kernels.attention.sparse.lsh import gray_ranks
     ranks = gray_ranks(7)
     pattern_at = torch.empty_like(ranks)
     pattern_at[ranks] = torch.arange(128)
@@ -423,6 +423,28 @@ def test_hyperattention_buckets_follow_writes():
     state.on_write(0, new_keys, torch.tensor([1, 2, 3]) + block * PAGE)
     assert torch.equal(state.buckets[0][:, block, 1:4], state.lsh(new_keys).transpose(0, 1))
     assert torch.equal(state.buckets[0][:, decodes.block_tables[0, 0]], state.lsh(keys[0][:, :PAGE]))
+
+
+def test_hyperattention_prefills_long_prompts_approximately_and_reproducibly(tmp_path):
+    """A 60-token prompt under min_seq_len 16: the causal recursion's first quarter (15 tokens) is exact, so its
+    prompt logprobs are dense attention's; the rest are estimated (they differ), the same on every run (seeded)."""
+    from conftest import make_tiny_model
+    from afdserve import LLM, SamplingParams
+
+    make_tiny_model(tmp_path, "llama", num_hidden_layers=3)
+    prompt = list(range(3, 63))
+
+    def prompt_logprobs(policy):
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, attention_policy=policy)
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        return [next(iter(step.values())).logprob for step in out.prompt_logprobs[1:]]  # position 0 has none
+
+    hyper = {"name": "hyperattention", "block_tokens": 8, "sample_tokens": 8, "min_seq_len": 16}
+    with LLM(str(tmp_path), dtype="float32", block_size=8, max_num_batched_tokens=64) as llm:
+        dense, first, again = prompt_logprobs(None), prompt_logprobs(hyper), prompt_logprobs(hyper)
+    assert first == again
+    assert first[:14] == pytest.approx(dense[:14], abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(first[14:], dense[14:])) > 1e-3
 
 
 # ---- SparseD ----------------------------------------------------------------------------------------------------

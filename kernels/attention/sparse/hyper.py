@@ -9,7 +9,8 @@ holding those keys are read exactly. Of the other pages, ceil(sample_tokens / pa
 request seed, layer, step and head) and their logits get log(rest / drawn): the softmax's numerator and normalizer
 are then the exact part plus (rest / drawn) times the sampled part, HyperAttention's estimator at page granularity.
 Sequences of at most `min_seq_len` tokens read every page, as the paper's exact base case. The last page is always
-read exactly. This decode adaptation is ours; the paper covers prefill and training.
+read exactly. This decode adaptation is ours; the paper covers prefill and training. Prefill chunks run the paper's
+algorithm (hyper_prefill.py) with the same b, m and min_seq_len.
 """
 from __future__ import annotations
 
@@ -18,39 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from afdserve.kernels.attention.sparse.hyper_prefill import HyperParams, hyper_prefill
+from afdserve.kernels.attention.sparse.lsh import LSH_BITS, AngularLSH
 from afdserve.kernels.attention.sparse.policy import AttentionPolicy, KVLayout, PolicyState
 from afdserve.kernels.attention.sparse.prflash import seeded_uniform
 from afdserve.kernels.attention.sparse.selection import DecodeBatch, PageSelection, compact, last_page_mask
 from afdserve.kernels.attention.torch_paged import gather_kv
-
-LSH_BITS = 7  # 128 buckets, the paper's default
-_PROJECTION_SEED = 0x5EED
-
-
-def gray_ranks(bits: int) -> torch.Tensor:
-    """[2^bits] long: each bit pattern's position in the reflected Gray code sequence
-    (a_r = [a_{r-1}, reverse(a_{r-1}) + 2^{r-1}])."""
-    sequence = [0]
-    for r in range(bits):
-        sequence = sequence + [x + (1 << r) for x in reversed(sequence)]
-    ranks = torch.empty(1 << bits, dtype=torch.long)
-    ranks[torch.tensor(sequence)] = torch.arange(1 << bits)
-    return ranks
-
-
-class AngularLSH:
-    """Sign bits of r fixed Gaussian projections, as a Gray-code bucket rank in [0, 2^r)."""
-
-    def __init__(self, head_dim: int, bits: int, device: torch.device):
-        generator = torch.Generator().manual_seed(_PROJECTION_SEED)
-        self.projections = torch.randn(head_dim, bits, generator=generator).to(device)
-        self.ranks = gray_ranks(bits).to(device)
-        self.powers = (2 ** torch.arange(bits)).to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., head_dim] -> bucket ranks [...] (uint8)."""
-        bits = (x.float() @ self.projections) > 0
-        return self.ranks[(bits.long() * self.powers).sum(-1)].to(torch.uint8)
 
 
 class KeyBuckets(PolicyState):
@@ -78,6 +52,7 @@ class HyperAttentionPolicy(AttentionPolicy):
     seed: int = 0  # mixed into every draw
     name = "hyperattention"
     state_type = KeyBuckets
+    has_prefill = True
 
     def __post_init__(self) -> None:
         for key in ("block_tokens", "sample_tokens"):
@@ -88,6 +63,13 @@ class HyperAttentionPolicy(AttentionPolicy):
 
     def bind(self, layout: KVLayout, state: KeyBuckets) -> None:
         self.buckets = state
+
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                seed: int) -> torch.Tensor:
+        # The residual's draws: reproducible per (request seed, policy seed, layer, chunk end).
+        generator = torch.Generator().manual_seed(hash((seed, self.seed, layer, k.shape[1])) & (2 ** 63 - 1))
+        params = HyperParams(self.block_tokens, self.sample_tokens, self.min_seq_len)
+        return hyper_prefill(q, k, v, scale, params, self.buckets.lsh, generator)
 
     def select(self, layer: int, q: torch.Tensor, kv_cache, decodes: DecodeBatch,
                scale: float) -> PageSelection | None:

@@ -34,10 +34,12 @@ class PolicyState:
 
 
 class AttentionPolicy:
-    """Decides, per decode sequence, layer and KV head, which pages the query attends to. The defaults: no state,
-    every page."""
+    """Decides, per decode sequence, layer and KV head, which pages the query attends to; a policy with
+    `has_prefill` also computes its prefill chunks' attention its own way. The defaults: no state, every page, dense
+    prefill."""
     name = "dense"
     state_type: type[PolicyState] | None = None
+    has_prefill = False
 
     def bind(self, layout: KVLayout, state: PolicyState | None) -> None:
         """Called once before the first select: the cache's shape, and the state of this kind (state_type's)."""
@@ -46,6 +48,13 @@ class AttentionPolicy:
                scale: float) -> PageSelection | None:
         """The pages of `layer` the decode queries q [B, heads, head_dim] read; None: every page."""
         return None
+
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                seed: int) -> torch.Tensor:
+        """With has_prefill: a prefill chunk's attention at `layer`, the chunk being the sequence's last q.shape[0]
+        tokens. q [n, heads, head_dim]; k, v [kv_heads, seq_len, head_dim] (the chunk's own included); seed: the
+        request's, for policies that draw at random."""
+        raise NotImplementedError(f"attention policy {self.name!r} has no prefill of its own")
 
 
 @dataclass
