@@ -311,6 +311,35 @@ def _bench_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme_refactor(args: argparse.Namespace) -> int:
+    from afdserve.bench.kv_quant import english_text
+    from afdserve.engine.tokenizer import Tokenizer
+    from afdserve.models.model_path import default_cache_dir, resolve_model_path
+    from afdserve.models.readme_refactor import RefactorSpec, refactor_to_readme
+
+    spec = RefactorSpec(num_experts=args.experts, shared_fraction=args.shared_fraction, top_k=args.top_k,
+                        calibration_tokens=args.calibration_tokens, router_steps=args.router_steps)
+    model_dir = resolve_model_path(args.model, args.cache_dir or default_cache_dir())
+    text = Path(args.calibration_file).read_text() if args.calibration_file else english_text()
+    out = refactor_to_readme(model_dir, Path(args.out), Tokenizer(model_dir).encode(text), spec)
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench_readme(args: argparse.Namespace) -> int:
+    from afdserve.bench.readme import ReadMEBenchSpec, format_readme_result, run_readme_bench
+    from afdserve.models.model_path import default_cache_dir, resolve_model_path
+    from afdserve.models.readme_refactor import RefactorSpec
+
+    refactor = RefactorSpec(num_experts=args.experts, shared_fraction=args.shared_fraction,
+                            calibration_tokens=args.calibration_tokens, router_steps=args.router_steps)
+    spec = ReadMEBenchSpec(refactor, tuple(args.top_ks), args.eval_tokens, args.dtype)
+    result = run_readme_bench(resolve_model_path(args.model, args.cache_dir or default_cache_dir()), spec)
+    print(format_readme_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _bench_weight_quant(args: argparse.Namespace) -> int:
     from afdserve.bench.weight_quant import WeightQuantBenchSpec, format_weight_quant_result, run_weight_quant_bench
 
@@ -349,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed-request", type=int, default=None, help="the request's sampling seed")
     gen.set_defaults(func=_generate)
+
+    rr = sub.add_parser("readme-refactor", help="a dense Llama checkpoint into a Read-ME MoE (shared channels, "
+                                                "experts, a token-id router); models/readme.py is the format")
+    rr.add_argument("--model", required=True, help="the dense model: smollm2, a .gguf file or an HF directory")
+    rr.add_argument("--experts", type=int, default=8, help="experts per layer")
+    rr.add_argument("--shared-fraction", type=float, default=0.25, help="share of each MLP's channels always on")
+    rr.add_argument("--top-k", type=int, default=1, help="experts per token in the written config (--experts: all)")
+    rr.add_argument("--calibration-file", default=None,
+                    help="calibration text (default: the standard library's pydoc_data.topics)")
+    rr.add_argument("--calibration-tokens", type=int, default=2048)
+    rr.add_argument("--router-steps", type=int, default=300,
+                    help="training steps of the pre-gating router on the calibration tokens (0: untrained)")
+    rr.add_argument("--out", required=True, help="the directory to write")
+    rr.add_argument("--cache-dir", default=None, help="where imported GGUF models live (as for serve)")
+    rr.set_defaults(func=_readme_refactor)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -512,6 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None)
     sp.add_argument("--plot", default=None, help="passkey accuracy against attended fraction (needs matplotlib)")
     sp.set_defaults(func=_bench_sparse)
+    rb = bench_sub.add_parser("readme", help="Read-ME refactoring: perplexity of the dense model against the "
+                                             "refactored one, every expert or top-k, router untrained or trained")
+    rb.add_argument("--model", default="smollm2", help="the dense model: smollm2, a .gguf file or an HF directory")
+    rb.add_argument("--experts", type=int, default=8)
+    rb.add_argument("--shared-fraction", type=float, default=0.25)
+    rb.add_argument("--top-ks", nargs="+", type=int, default=[1, 2])
+    rb.add_argument("--calibration-tokens", type=int, default=2048)
+    rb.add_argument("--router-steps", type=int, default=300)
+    rb.add_argument("--eval-tokens", type=int, default=1024)
+    rb.add_argument("--dtype", default="float32")
+    rb.add_argument("--json", default=None)
+    rb.add_argument("--cache-dir", default=None, help="where imported GGUF models live (as for serve)")
+    rb.set_defaults(func=_bench_readme)
     wq = bench_sub.add_parser("weight-quant", help="perplexity and weight bytes for each --quantization")
     add_engine_args(wq)
     wq.add_argument("--quantizations", nargs="+", default=["none", "int8"], choices=["none", *QUANTIZATIONS],

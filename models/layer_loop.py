@@ -12,7 +12,7 @@ runs behind a port (docs/architecture.md, seam 1): LocalFFN calls the layer's `f
 worker's port sends the input to the FFN workers and receives their outputs (cluster/attention_worker.py). The FFN
 worker walks the same `pipeline_order` from the other end of the transport (cluster/ffn_worker.py).
 
-A model offers: `embed(input_ids, positions) -> (hidden, rope)`, `layers` (each with `attn_half` and `ffn_half`),
+A model offers: `embed(input_ids, positions) -> (hidden, context)`, `layers` (each with `attn_half` and `ffn_half`),
 `final_norm(hidden, residual)` and `compute_logits(hidden)` (models/llama.py).
 """
 from __future__ import annotations
@@ -61,17 +61,17 @@ def run_layers(model: Any, batches: list[Any], kv_caches: list, ffn: FFNPort,
                compute: Callable = _call) -> list[torch.Tensor]:
     """The final hidden states of each micro-batch. `batches[j]` has `input_ids`, `positions` and `meta` (its
     attention metadata); `compute(fn, *args)` runs each attention half (a stage timer wraps it on AFD workers)."""
-    hidden, rope = [], []
+    hidden, context = [], []
     for batch in batches:
-        h, r = model.embed(batch.input_ids, batch.positions)
+        h, c = model.embed(batch.input_ids, batch.positions)
         hidden.append(h)
-        rope.append(r)
+        context.append(c)
     residual: list[torch.Tensor | None] = [None] * len(batches)
     for index, j in pipeline_order(len(model.layers), len(batches)):
         layer = model.layers[index]
         if index > 0:
             hidden[j] = ffn.result(residual[j])  # the FFN output of layer index - 1
-        ffn_input, residual[j], routing = compute(layer.attn_half, hidden[j], residual[j], rope[j],
+        ffn_input, residual[j], routing = compute(layer.attn_half, hidden[j], residual[j], context[j],
                                                   batches[j].meta, kv_caches[index])
         ffn.submit(layer, ffn_input, routing)
     hidden = [ffn.result(r) for r in residual]

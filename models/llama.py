@@ -3,10 +3,12 @@ our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py, and Step-3, mo
 MFA, models/layers/mfa.py): pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
 Each decoder layer is two halves (docs/architecture.md, seam 1):
-    attn_half(hidden, residual, rope, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
+    attn_half(hidden, residual, context, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
     ffn_half(ffn_input, routing) -> ffn_out                                          # the MLP or the MoE block
 `routing` (models/layers/moe_router.Routing: top-k expert ids and weights) is None for dense layers. Routing runs in
-the attention half so that the FFN half needs nothing but its inputs. One loop alternates the halves
+the attention half so that the FFN half needs nothing but its inputs. `context` (LayerContext) is what every layer of
+a step reads besides its hidden states: the rotary tables, and a Read-ME model's routing, chosen once per step from
+the token ids by its pre-gating router (models/readme.py). One loop alternates the halves
 (models/layer_loop.py): in-process for the model's forward, across workers under AFD.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from afdserve.models.layers.mlp import GatedMLP
 from afdserve.models.layers.moe import MoEBlock
 from afdserve.models.layers.moe_router import Router, Routing
 from afdserve.models.layers.norm import RMSNorm
+from afdserve.models.layers.pre_gating_router import PreGatingRouter
+from afdserve.models.readme import router_sizes
 from afdserve.models.moe_config import MoEConfig
 from afdserve.models.layers.rotary import RotaryEmbedding, RopeTables, apply_rotary
 from afdserve.models.layer_loop import LocalFFN, run_layers
@@ -36,6 +40,12 @@ class LayerInput(NamedTuple):
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
+
+
+class LayerContext(NamedTuple):
+    """What every layer of a step (micro-batch) reads besides its hidden states; made by the model's `embed`."""
+    rope: RopeTables
+    token_routing: Routing | None = None  # pre-gated MoE (Read-ME): each token's experts, the same in every layer
 
 
 @dataclass(frozen=True)
@@ -88,21 +98,25 @@ class LlamaDecoderLayer(nn.Module):
             self.router = None
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         else:
-            self.router = Router(cfg.hidden_size, moe.router, fp32_logits=moe.router_fp32)
+            # Pre-gated (Read-ME): no router here; the step's token_routing comes with the LayerContext.
+            self.router = None if moe.pre_gated else Router(cfg.hidden_size, moe.router, fp32_logits=moe.router_fp32)
             self.mlp = MoEBlock(cfg.hidden_size, moe.num_experts, moe.intermediate_size,
                                 moe.shared_intermediate_size, moe.shared_expert_gate,
                                 moe.residual_intermediate_size)
 
-    def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
+    def attn_half(self, hidden: torch.Tensor, residual: torch.Tensor | None, context: LayerContext,
                   meta: AttentionMetadata, kv_cache: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, meta, kv_cache)
+        hidden = self.self_attn(hidden, context.rope, meta, kv_cache)
         ffn_input, residual = self.post_attention_layernorm(hidden, residual)
-        routing = None if self.router is None else self.router(ffn_input)
+        if self.router is not None:
+            routing = self.router(ffn_input)
+        else:
+            routing = context.token_routing if self.top_k else None
         return ffn_input, residual, routing
 
     def ffn_half(self, ffn_input: torch.Tensor, routing: Routing | None = None,
@@ -148,6 +162,14 @@ class LlamaForCausalLM(nn.Module):
             self.experts_stacked = moe.hf_experts_stacked
             fp32_gate = ("router.gate.weight",) if moe.router_fp32 else ()
             self.fp32_params = ("router.e_score_correction_bias", *fp32_gate)
+        self.pre_gating_router = None
+        if moe is not None and moe.pre_gated:
+            router_hidden, router_inter = router_sizes(cfg)
+            self.pre_gating_router = PreGatingRouter(cfg.vocab_size, router_hidden, router_inter, moe.num_experts,
+                                                     moe.router.top_k, cfg.rms_norm_eps)
+            # fp32 whatever the model dtype, as it was trained: a bf16 router would flip its near-ties
+            self.fp32_params = (*self.fp32_params, *(f"pre_gating_router.{name}" for name, _ in
+                                                     self.pre_gating_router.named_parameters()))
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -164,10 +186,10 @@ class LlamaForCausalLM(nn.Module):
             for layer in self.layers:
                 layer.mlp = None
         elif role == "ffn":
-            self.pruned_prefixes = ("embed_tokens.", "norm.", "lm_head.", *(
+            self.pruned_prefixes = ("embed_tokens.", "norm.", "lm_head.", "pre_gating_router.", *(
                 f"layers.{i}.{part}." for i in range(len(self.layers))
                 for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "router")))
-            self.embed_tokens = self.norm = self.lm_head = self.rotary = None
+            self.embed_tokens = self.norm = self.lm_head = self.rotary = self.pre_gating_router = None
             for layer in self.layers:
                 layer.self_attn = layer.input_layernorm = layer.post_attention_layernorm = layer.router = None
         else:
@@ -179,10 +201,11 @@ class LlamaForCausalLM(nn.Module):
             return list(self.layers[0].self_attn.qkv_sizes)
         return [rows // 2] * 2  # gate_up_proj: dense MLPs and shared experts differ in width
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RopeTables]:
-        """The first hidden states and the rotary tables every layer of this step uses."""
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, LayerContext]:
+        """The first hidden states and what every layer of this step reads besides them."""
         hidden = self.embed_tokens(input_ids)
-        return hidden, self.rotary.tables(positions, hidden.dtype)
+        routing = None if self.pre_gating_router is None else self.pre_gating_router(input_ids)
+        return hidden, LayerContext(self.rotary.tables(positions, hidden.dtype), routing)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last FFN output added to the residual stream, normalized: what compute_logits reads."""

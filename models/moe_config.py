@@ -6,6 +6,7 @@ Placement rules (which decoder layers are MoE; the others keep a dense MLP of wi
     DeepSeek(MoE):  i >= first_k_dense_replace and i % moe_layer_freq == 0
     Step-3:         i in moe_layers_enum  (models/step3.py)
     PRMoE:          `moe_layers`, or (i + 1) % moe_layer_freq == 0  (models/prmoe.py documents the format)
+    Read-ME:        every layer, routed by one pre-gating router  (models/readme.py)
 Pyramid MoE (PRMoE): each MoE layer may have its own expert count (`layer_num_experts`); `for_layer(i)` gives the
 config one decoder layer is built from.
 Router semantics per family: see models/layers/moe_router.py.
@@ -37,6 +38,9 @@ class MoEConfig:
     residual_intermediate_size: int = 0
     # Pyramid MoE: (layer, expert count) for the layers whose count differs from router.num_experts.
     layer_num_experts: tuple[tuple[int, int], ...] = ()
+    # Read-ME: no router per layer; one pre-gating router routes each token from its id, for every layer
+    # (models/readme.py). The layers' experts then add with weight 1.
+    pre_gated: bool = False
 
     def __post_init__(self):
         if self.residual_intermediate_size and self.shared_intermediate_size:

@@ -3,7 +3,8 @@
 A token's linear FLOPs are 2 x the matmul weights it passes (one multiply and one add per weight). Per decoder layer:
     attention   Q, K, V and O projections (Step-3's MFA: the low-rank query q_proj and wq instead of Q)
     FFN         dense: gate, up and down (3 H I);  MoE: the router (H E), top_k routed experts (3 H I_e each), the
-                shared expert or residual MLP (3 H I_s) and their gates (H, or 2 H for the residual mix)
+                shared expert or residual MLP (3 H I_s) and their gates (H, or 2 H for the residual mix);
+                Read-ME: no router per layer but one pre-gating router per token (its MLP and head)
 and once per position whose logits are computed, the LM head (V H). Embedding lookups multiply nothing. Norms,
 RoPE and the activation are element-wise and left out, as the cost models of Step-3 (arXiv 2507.19427) and Kinetics
 (arXiv 2506.05333) leave them out. Computed from the config so that the engine's process knows it without the
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.readme import router_sizes
 from afdserve.models.registry import architecture_of
 
 
@@ -44,9 +46,13 @@ def active_params(cfg: TransformerConfig) -> ActiveParams:
         if layer_moe is None:
             ffn += 3 * h * cfg.intermediate_size
             continue
-        ffn += h * layer_moe.num_experts + layer_moe.router.top_k * 3 * h * layer_moe.intermediate_size
+        router = 0 if layer_moe.pre_gated else h * layer_moe.num_experts
+        ffn += router + layer_moe.router.top_k * 3 * h * layer_moe.intermediate_size
         if layer_moe.shared_intermediate_size:
             ffn += 3 * h * layer_moe.shared_intermediate_size + (h if layer_moe.shared_expert_gate else 0)
         if layer_moe.residual_intermediate_size:
             ffn += 3 * h * layer_moe.residual_intermediate_size + 2 * h
+    if moe is not None and moe.pre_gated:  # Read-ME: one token-id router for all layers (its MLP and head)
+        router_hidden, router_inter = router_sizes(cfg)
+        ffn += 2 * router_hidden * router_inter + router_hidden * moe.num_experts
     return ActiveParams(attention, ffn, cfg.vocab_size * h)

@@ -14,6 +14,7 @@ from afdserve.models.hf_config import TransformerConfig
 from afdserve.models.llama import LlamaForCausalLM, LlamaVariant
 from afdserve.models.moe_config import MoEConfig, deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from afdserve.models.prmoe import prmoe_moe_config
+from afdserve.models.readme import READ_ME_ARCHITECTURE, readme_moe_config
 from afdserve.models.step3 import step3_moe_config, step3_variant
 
 
@@ -41,6 +42,8 @@ _ARCHITECTURES: dict[str, Architecture] = {
     "DeepseekForCausalLM": Architecture(lambda cfg: LlamaVariant(), deepseek_moe_config),
     # Our DeepSpeed-MoE style format: pyramid (per-layer expert counts) and residual MoE; see models/prmoe.py.
     "PRMoEForCausalLM": Architecture(lambda cfg: LlamaVariant(), prmoe_moe_config),
+    # Read-ME: a dense Llama refactored into shared channels + experts, one token-id router; see models/readme.py.
+    READ_ME_ARCHITECTURE: Architecture(lambda cfg: LlamaVariant(), readme_moe_config),
     # Step-3: MFA attention (low-rank query, one KV head) + shared-expert MoE; see models/step3.py.
     "Step3TextForCausalLM": Architecture(step3_variant, step3_moe_config),
 }

@@ -1,0 +1,9 @@
+#!/bin/bash
+# Issue 17: SmolLM2 refactored into Read-ME's MoE (8 experts + 25% shared channels, calibrated on the first 2,048
+# tokens of pydoc_data.topics), perplexity on 1,024 held-out tokens: dense, every expert, top-1 and top-2, the
+# pre-gating router untrained and trained (`afdserve bench readme`). Output: readme.json, readme.txt.
+set -eu
+cd "$(dirname "$0")/../../.."
+OUT=bench/results/readme
+.venv/bin/afdserve bench readme --model smollm2 --experts 8 --top-ks 1 2 --json $OUT/readme.json \
+  2> "${TMPDIR:-/tmp}/bench-readme-progress.log" | tee $OUT/readme.txt

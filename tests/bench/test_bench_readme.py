@@ -1,0 +1,42 @@
+"""`afdserve bench readme` on a tiny random Llama with SmolLM2's tokenizer: the dense row's perplexity against
+transformers on the same held-out tokens, every expert on equal to dense, top-1 routing not."""
+import json
+import math
+import shutil
+
+import torch
+
+from conftest import make_tiny_model
+from afdserve.bench.kv_quant import english_text
+from afdserve.bench.readme import ReadMEBenchSpec, format_readme_result, run_readme_bench
+from afdserve.models.readme_refactor import RefactorSpec
+
+
+def test_bench_readme_scores_the_dense_model_as_transformers_and_every_expert_as_dense(smollm2_dir, tmp_path):
+    vocab = json.loads((smollm2_dir / "config.json").read_text())["vocab_size"]
+    hf = make_tiny_model(tmp_path, "llama", vocab_size=vocab, mlp_std=0.2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    spec = ReadMEBenchSpec(RefactorSpec(num_experts=4, calibration_tokens=128, router_steps=20,
+                                        router_hidden_size=16, router_intermediate_size=16), top_ks=(1,),
+                           eval_tokens=64)
+    result = run_readme_bench(tmp_path, spec)
+    print(format_readme_result(result))
+    rows = {(r["model"], r["top_k"]): r for r in result["rows"]}
+    assert list(rows) == [("dense", None), ("read-me, router untrained", 4), ("read-me, router untrained", 1),
+                          ("read-me, router trained", 4), ("read-me, router trained", 1)]
+
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(tmp_path).encode(english_text())
+    start = result["spec"]["eval_start"]
+    assert start == len(ids) // 2
+    held_out = ids[start:start + 64]
+    with torch.no_grad():
+        logprobs = hf(torch.tensor([held_out])).logits[0].log_softmax(-1)
+    want = math.exp(-sum(logprobs[p - 1, held_out[p]].item() for p in range(1, 64)) / 63)
+    dense = rows[("dense", None)]["perplexity"]
+    assert abs(dense / want - 1) < 1e-4
+    for router in ("untrained", "trained"):
+        assert abs(rows[(f"read-me, router {router}", 4)]["perplexity"] / dense - 1) < 1e-5
+        assert abs(rows[(f"read-me, router {router}", 1)]["perplexity"] / dense - 1) > 1e-3
+    assert rows[("read-me, router untrained", 1)]["router_training"]["steps"] == 0
