@@ -333,7 +333,8 @@ def _bench_readme(args: argparse.Namespace) -> int:
 
     refactor = RefactorSpec(num_experts=args.experts, shared_fraction=args.shared_fraction,
                             calibration_tokens=args.calibration_tokens, router_steps=args.router_steps)
-    spec = ReadMEBenchSpec(refactor, tuple(args.top_ks), args.eval_tokens, args.dtype)
+    spec = ReadMEBenchSpec(refactor, tuple(args.top_ks), args.eval_tokens, args.dtype, args.cache_tokens,
+                           tuple(args.concurrencies))
     result = run_readme_bench(resolve_model_path(args.model, args.cache_dir or default_cache_dir()), spec)
     print(format_readme_result(result))
     _write_json(args.json, result)
@@ -557,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plot", default=None, help="passkey accuracy against attended fraction (needs matplotlib)")
     sp.set_defaults(func=_bench_sparse)
     rb = bench_sub.add_parser("readme", help="Read-ME refactoring: perplexity of the dense model against the "
-                                             "refactored one, every expert or top-k, router untrained or trained")
+                                             "refactored one, every expert or top-k, router untrained or trained; "
+                                             "expert-cache hit rates, Belady against LRU")
     rb.add_argument("--model", default="smollm2", help="the dense model: smollm2, a .gguf file or an HF directory")
     rb.add_argument("--experts", type=int, default=8)
     rb.add_argument("--shared-fraction", type=float, default=0.25)
@@ -566,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--router-steps", type=int, default=300)
     rb.add_argument("--eval-tokens", type=int, default=1024)
     rb.add_argument("--dtype", default="float32")
+    rb.add_argument("--cache-tokens", type=int, default=4096, help="tokens of the expert-cache trace")
+    rb.add_argument("--concurrencies", nargs="+", type=int, default=[1, 32], help="streams read at once")
     rb.add_argument("--json", default=None)
     rb.add_argument("--cache-dir", default=None, help="where imported GGUF models live (as for serve)")
     rb.set_defaults(func=_bench_readme)

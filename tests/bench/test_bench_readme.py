@@ -1,5 +1,6 @@
 """`afdserve bench readme` on a tiny random Llama with SmolLM2's tokenizer: the dense row's perplexity against
-transformers on the same held-out tokens, every expert on equal to dense, top-1 routing not."""
+transformers on the same held-out tokens, every expert on equal to dense, top-1 routing not; the expert-cache rows
+against Belady's and LRU's properties."""
 import json
 import math
 import shutil
@@ -19,7 +20,7 @@ def test_bench_readme_scores_the_dense_model_as_transformers_and_every_expert_as
         shutil.copy(smollm2_dir / name, tmp_path / name)
     spec = ReadMEBenchSpec(RefactorSpec(num_experts=4, calibration_tokens=128, router_steps=20,
                                         router_hidden_size=16, router_intermediate_size=16), top_ks=(1,),
-                           eval_tokens=64)
+                           eval_tokens=64, cache_tokens=256, concurrencies=(1, 8))
     result = run_readme_bench(tmp_path, spec)
     print(format_readme_result(result))
     rows = {(r["model"], r["top_k"]): r for r in result["rows"]}
@@ -40,3 +41,15 @@ def test_bench_readme_scores_the_dense_model_as_transformers_and_every_expert_as
         assert abs(rows[(f"read-me, router {router}", 4)]["perplexity"] / dense - 1) < 1e-5
         assert abs(rows[(f"read-me, router {router}", 1)]["perplexity"] / dense - 1) > 1e-3
     assert rows[("read-me, router untrained", 1)]["router_training"]["steps"] == 0
+
+    # Expert cache: Belady with the whole trace never below LRU, never worse with more room; with room for every
+    # expert only the first use of each misses, whatever the policy.
+    cache = {(r["concurrency"], r["capacity"], r["policy"]): r for r in result["cache_rows"]}
+    assert {c for c, _, _ in cache} == {1, 8} and {k for _, k, _ in cache} == {1, 2, 3, 4}
+    for concurrency in (1, 8):
+        full = [cache[(concurrency, k, "belady, whole trace")]["hit_rate"] for k in (1, 2, 3, 4)]
+        assert full == sorted(full)
+        for k in (1, 2, 3, 4):
+            assert full[k - 1] >= cache[(concurrency, k, "lru")]["hit_rate"]
+        assert len({cache[(concurrency, 4, p)]["hit_rate"] for p in ("lru", "belady, next step",
+                                                                     "belady, whole trace")}) == 1

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 17: SmolLM2 refactored into Read-ME's MoE (8 experts + 25% shared channels, calibrated on the first 2,048
 # tokens of pydoc_data.topics), perplexity on 1,024 held-out tokens: dense, every expert, top-1 and top-2, the
-# pre-gating router untrained and trained (`afdserve bench readme`). Output: readme.json, readme.txt.
+# pre-gating router untrained and trained; expert-cache hit rates (Belady, LRU) on the trained router's choices for
+# 4,096 tokens read by 1 and 32 streams (`afdserve bench readme`). Output: readme.json, readme.txt.
 set -eu
 cd "$(dirname "$0")/../../.."
 OUT=bench/results/readme
