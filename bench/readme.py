@@ -56,7 +56,8 @@ def run_readme_bench(model_dir: Path, spec: ReadMEBenchSpec) -> dict:
                                       (("untrained", 0), ("trained", spec.refactor.router_steps))
                                       for k in (experts, *spec.top_ks)]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="afdserve-readme-") as tmp, tqdm(total=len(runs), desc="bench readme") as bar:
+    with (tempfile.TemporaryDirectory(prefix="afdserve-readme-") as tmp,
+          tqdm(total=len(runs), desc="bench readme") as bar):
         refactored: dict[str, Path] = {}
         for router, steps, top_k in runs:
             path = Path(model_dir)

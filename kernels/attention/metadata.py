@@ -2,10 +2,10 @@
 
 The model runner orders each step's sequences decodes first, so tokens [0, num_decodes) are one-token decodes and
 the rest are prefill chunks: first those with dense attention, then those whose attention policy computes its own
-(HyperAttention's; `PrefillSeq.policy`). Built once per step and shared by every layer; the Python ints in `prefills` keep the
-per-layer loop free of host syncs. The torch backend reads `decode_block_tables`/`decode_mask_bias` and `prefills`;
-the Triton backend reads `decode_seq_lens` and `prefill_batch`, the prefills as one varlen batch, built on first use
-so that the torch path never pays for it.
+(HyperAttention's; `PrefillSeq.policy`). Built once per step and shared by every layer; the Python ints in
+`prefills` keep the per-layer loop free of host syncs. The torch backend reads `decode_block_tables` /
+`decode_mask_bias` and `prefills`; the Triton backend reads `decode_seq_lens` and `prefill_batch`, the dense prefills
+as one varlen batch, built on first use so that the torch path never pays for it.
 """
 from __future__ import annotations
 

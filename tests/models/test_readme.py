@@ -80,7 +80,8 @@ def _router_choice(router: dict, token_ids: torch.Tensor, eps: float) -> torch.T
         return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
     x = router["embed.weight"][token_ids].float()
-    x = x + torch.nn.functional.silu(norm(x, router["mlp_norm.weight"]) @ router["up.weight"].T) @ router["down.weight"].T
+    hidden = torch.nn.functional.silu(norm(x, router["mlp_norm.weight"]) @ router["up.weight"].T)
+    x = x + hidden @ router["down.weight"].T
     logits = norm(x, router["norm.weight"]) @ router["head.weight"].T
     best = logits.max(-1, keepdim=True).values
     return (logits == best).float().argmax(-1)  # the first index holding the maximum

@@ -85,7 +85,8 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, params: HyperParams,
                     lsh: AngularLSH, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention of q [B, H, nq, d] over k/v [B, H, nk, d], estimated: (out [B, H, nq, d], lse [B, H, nq])."""
+    """Non-causal attention of q [B, H, nq, d] over k/v [B, H, nk, d], estimated: (out [B, H, nq, d],
+    lse [B, H, nq])."""
     batch, heads, nq, d = q.shape
     nk = k.shape[-2]
     if nk < params.min_seq_len:
