@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 from afdserve.bench.kv_quant import english_text, perplexity
@@ -90,8 +90,9 @@ def router_choices(model_dir: Path, token_ids: list[int]) -> list[int]:
     hidden, inter = router_sizes(cfg)
     router = PreGatingRouter(cfg.vocab_size, hidden, inter, cfg.raw["num_experts"], 1, cfg.rms_norm_eps)
     prefix = "model.pre_gating_router."
-    weights = load_file(str(model_dir / "model.safetensors"))
-    router.load_state_dict({k.removeprefix(prefix): v.float() for k, v in weights.items() if k.startswith(prefix)})
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:  # the router's tensors only
+        router.load_state_dict({k.removeprefix(prefix): f.get_tensor(k).float() for k in f.keys()
+                                if k.startswith(prefix)})
     with torch.no_grad():
         return router(torch.tensor(token_ids)).topk_ids[:, 0].tolist()
 

@@ -43,11 +43,8 @@ def readme_moe_config(cfg: TransformerConfig) -> MoEConfig:
     for key in ("num_experts", "expert_intermediate_size"):
         if key not in raw:
             raise ValueError(f"a {READ_ME_ARCHITECTURE} config needs {key!r}")
-    num_experts = raw["num_experts"]
-    top_k = raw.get("moe_top_k", 1)
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"moe_top_k must be in [1, num_experts = {num_experts}], got {top_k}")
-    return MoEConfig(router=RouterConfig(num_experts=num_experts, top_k=top_k),
+    # RouterConfig checks moe_top_k against num_experts.
+    return MoEConfig(router=RouterConfig(num_experts=raw["num_experts"], top_k=raw.get("moe_top_k", 1)),
                      intermediate_size=raw["expert_intermediate_size"],
                      moe_layers=frozenset(range(cfg.num_layers)),
                      shared_intermediate_size=raw.get("shared_intermediate_size", 0),
