@@ -385,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--model", required=True, help="the dense model: smollm2, a .gguf file or an HF directory")
     rr.add_argument("--experts", type=int, default=8, help="experts per layer")
     rr.add_argument("--shared-fraction", type=float, default=0.25, help="share of each MLP's channels always on")
-    rr.add_argument("--top-k", type=int, default=1, help="experts per token in the written config (--experts: all)")
+    rr.add_argument("--top-k", type=int, default=None, help="experts per token in the written config (default: "
+                    "every expert, the dense model; 1 or 2: Read-ME's sparse routing, far from dense without "
+                    "fine-tuning)")
     rr.add_argument("--calibration-file", default=None,
                     help="calibration text (default: the standard library's pydoc_data.topics)")
     rr.add_argument("--calibration-tokens", type=int, default=2048)

@@ -40,7 +40,9 @@ DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the plain Ll
 class RefactorSpec:
     num_experts: int = 8
     shared_fraction: float = 0.25  # of each layer's MLP channels, always on
-    top_k: int = 1  # experts per token in the written config (num_experts: every expert, the dense model)
+    # Experts per token in the written config; None: every expert, which is the dense model (the safe default: top-1
+    # and top-2 are far from dense without fine-tuning the backbone, bench/results/README.md).
+    top_k: int | None = None
     calibration_tokens: int = 2048
     router_hidden_size: int = 64
     router_intermediate_size: int = 64
@@ -53,8 +55,12 @@ class RefactorSpec:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 0 <= self.shared_fraction < 1:
             raise ValueError(f"shared_fraction must be in [0, 1), got {self.shared_fraction}")
-        if not 1 <= self.top_k <= self.num_experts:
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts = {self.num_experts}], got {self.top_k}")
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.num_experts if self.top_k is None else self.top_k
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ def refactor_to_readme(model_dir: Path, out_dir: Path, token_ids: list[int], spe
     raw.update({
         "architectures": [READ_ME_ARCHITECTURE], "model_type": "readme", "num_experts": spec.num_experts,
         "expert_intermediate_size": len(splits[0].experts[0]), "shared_intermediate_size": len(splits[0].shared),
-        "moe_top_k": spec.top_k, "router_hidden_size": spec.router_hidden_size,
+        "moe_top_k": spec.experts_per_token, "router_hidden_size": spec.router_hidden_size,
         "router_intermediate_size": spec.router_intermediate_size, "readme_calibration_tokens": len(token_ids),
         "readme_router_training": {"steps": spec.router_steps, "first_loss": training.losses[0] if training.losses
                                    else None, "last_loss": training.losses[-1] if training.losses else None,
@@ -205,7 +211,7 @@ def _new_router(embedding: torch.Tensor, spec: RefactorSpec) -> PreGatingRouter:
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         router = PreGatingRouter(vocab, spec.router_hidden_size, spec.router_intermediate_size, spec.num_experts,
-                                 spec.top_k)
+                                 spec.experts_per_token)
     with torch.no_grad():
         router.embed.weight.copy_(embedding[:, :spec.router_hidden_size].float())
     return router
