@@ -50,8 +50,16 @@ class ModelConfig:
                                                        "'{\"budget_pages\": 32}'; default: the policy's own",
                                                  metavar="JSON")
 
+    # A comma-separated text from the CLI ("1,2,4,8"); from Python, a list of ints as well.
+    cuda_graph_sizes: str | None = option(None, "decode batch sizes captured as CUDA graphs (CUDA only), e.g. "
+                                                "1,2,4,8; a decode step of n requests replays the smallest size >= n; "
+                                                "default: 1,2,4,8,16,24,32,48,64,96,128,192,256 up to max_num_seqs",
+                                          metavar="N,N,...")
+    enforce_eager: bool = option(False, "run every step eagerly: capture no CUDA graphs")
+
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+        parse_cuda_graph_sizes(self.cuda_graph_sizes)  # a bad list fails here
         if self.attention_policy_config is not None and self.attention_policy == "dense":
             raise ValueError("attention_policy_config: set, but attention_policy is 'dense', which takes none; name "
                              "a sparse policy or leave it out")
@@ -74,6 +82,22 @@ class ModelConfig:
     def attention_policy_spec(self) -> dict:
         """The engine's attention policy as a request names one: {"name": ..., parameters...}."""
         return {"name": self.attention_policy, **parse_policy_params(self.attention_policy_config)}
+
+
+DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def parse_cuda_graph_sizes(sizes: str | list[int] | None) -> tuple[int, ...]:
+    """--cuda-graph-sizes as sorted distinct batch sizes; None: DEFAULT_CUDA_GRAPH_SIZES."""
+    if sizes is None:
+        return DEFAULT_CUDA_GRAPH_SIZES
+    try:
+        values = [int(v) for v in (sizes.split(",") if isinstance(sizes, str) else sizes)]
+    except (TypeError, ValueError):
+        raise ValueError(f"cuda_graph_sizes must be batch sizes like 1,2,4,8, got {sizes!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"cuda_graph_sizes must be batch sizes >= 1 like 1,2,4,8, got {sizes!r}")
+    return tuple(sorted(set(values)))
 
 
 def resolve_device(name: str) -> str:

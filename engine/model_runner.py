@@ -6,12 +6,15 @@ Flat batch (docs/architecture.md, seam 2): the step's chunks are laid end to end
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from afdserve.engine.config import EngineConfig
+from afdserve.engine.config import EngineConfig, parse_cuda_graph_sizes
+from afdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from afdserve.engine.request_state import RequestState, RequestStates
 from afdserve.engine.sampler import Sampler, TokenLogprobs, prompt_logprobs_for_chunk
 from afdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -24,6 +27,8 @@ from afdserve.kernels.attention.sparse.selection import DecodeBatch
 from afdserve.kernels.attention.torch_paged import decode_mask_bias
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
 from afdserve.models.loader import load_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +89,38 @@ class ModelRunner:
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests = RequestStates()  # what this runner knows of each request, kept from the step messages
+        self.max_model_len = max_model_len
+        self.decode_graphs: DecodeGraphs | None = None
+        if self._can_capture_graphs():
+            self.capture_decode_graphs(graph_batch_sizes(parse_cuda_graph_sizes(config.model.cuda_graph_sizes),
+                                                         config.scheduler.max_num_seqs))
+
+    def _can_capture_graphs(self) -> bool:
+        """CUDA graphs for decode steps: on CUDA unless --enforce-eager, for the whole model in this process on a
+        plain KV cache (an AFD worker's step waits on its peers between layers)."""
+        return (self.device.type == "cuda" and not self.config.model.enforce_eager and self.model_role is None
+                and self.kv_stairs is None and isinstance(self.kv_caches[0], torch.Tensor))
+
+    def capture_decode_graphs(self, sizes: tuple[int, ...], capture: bool = True) -> None:
+        """Captures one decode graph per batch size (engine/cuda_graphs.py); capture=False stands a plain call in
+        for each graph (the CPU tests). A capture that fails leaves the engine eager, with a warning."""
+        start = time.perf_counter()
+        max_blocks = -(-self.max_model_len // self.block_size)
+        try:
+            with torch.inference_mode():  # as execute() runs: no autograd state recorded into the graphs
+                self.decode_graphs = DecodeGraphs(self._forward_hidden, sizes, max_blocks, self.block_size,
+                                                  self.pad_block, self.device, capture)
+        except Exception as e:  # noqa: BLE001 - any failure to capture means eager steps, not a dead engine
+            logger.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s", type(e).__name__, e)
+            self.decode_graphs = None
+            return
+        if capture:
+            logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", ",".join(map(str, sizes)),
+                        time.perf_counter() - start)
+
+    def _forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, self.kv_caches)
 
     def _attention_policies(self, num_blocks: int) -> tuple[AttentionPolicies, dict]:
         """The policies requests may name, and the engine's (--attention-policy) for those that name none."""
@@ -93,12 +130,14 @@ class ModelRunner:
         return AttentionPolicies(layout, self.kv_caches), model.attention_policy_spec
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
-        """Per layer a plain [2, kvh, blocks, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
-        int4 / saq staircase's view (each block's stair and slot) is shared by all layers."""
+        """Per layer a plain [2, kvh, blocks + 1, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
+        int4 / saq staircase's view (each block's stair and slot) is shared by all layers. A plain cache's block
+        past the pool's (`pad_block`) is written only by the padding rows of a CUDA graph's batch."""
         spec = kv_cache_spec_for(self.config, self.model_config)
         layers = range(self.model_config.num_layers)
+        self.pad_block = num_blocks
         if spec.fmt == "auto":
-            shape = kv_cache_shape(num_blocks, self.block_size, self.model_config.num_kv_heads,
+            shape = kv_cache_shape(num_blocks + 1, self.block_size, self.model_config.num_kv_heads,
                                    self.model_config.head_dim)
             return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers], None
         bits = [b for _, b in spec.stairs]
@@ -112,8 +151,17 @@ class ModelRunner:
         self.requests.update(sched)
         kv_plan = self.plan_kv_moves(sched)
         batch = self.build_batch(sched.scheduled, kv_plan)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        if self._replays(batch.meta):
+            hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.meta)
+        else:
+            hidden = self._forward_hidden(batch.input_ids, batch.positions, batch.meta)
         return self.sample(sched.scheduled, batch, self.compute_logits(batch, hidden))
+
+    def _replays(self, meta: AttentionMetadata) -> bool:
+        """Whether this step runs as a captured decode graph: decodes alone, dense attention, a bucket that fits."""
+        return (self.decode_graphs is not None and meta.num_decodes > 0 and not meta.prefills
+                and meta.sparse is None and meta.kv_plan is None
+                and self.decode_graphs.bucket(meta.num_decodes) is not None)
 
     def compute_logits(self, batch: "FlatBatch", hidden: torch.Tensor) -> torch.Tensor:
         rows = self._tensor([r for first, count in batch.logits_rows for r in range(first, first + count)])

@@ -4,8 +4,10 @@
 
 1. Parity: greedy fp32 tokens on the device equal the CPU fp32 run of the same engine, for four token-id prompts
    (5 to 64 tokens), in one process (the first position where they part is printed).
-2. Throughput: bf16 on the device, attention backend auto (the Triton kernels on CUDA), 256 synthetic requests of
-   128 in / 128 out at concurrency 64 (bench/throughput.py).
+   On CUDA the device run replays CUDA graphs for its decode steps (the default), so this checks them too.
+2. Throughput: bf16 on the device, attention backend auto (the Triton kernels on CUDA), synthetic requests of
+   128 in / 128 out (bench/throughput.py): 256 at concurrency 64 and 8 at concurrency 1, each with CUDA graphs and
+   with --enforce-eager (`--modes`; off CUDA both modes run eagerly).
 
 --model defaults to SmolLM2 when its GGUF package is installed. The GPU image lacks it, and its 94 MB GGUF is over
 the device tool's 64 MiB transfer, so otherwise the check builds a random-weight Llama of SmolLM2-135M's shape with
@@ -20,7 +22,6 @@ import importlib.util
 import json
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -84,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to build the random-weight stand-in when SmolLM2's package is missing")
     p.add_argument("--device", default="cuda")
     p.add_argument("--parity-tokens", type=int, default=32)
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=256, help="at the first --concurrency")
+    p.add_argument("--concurrency", default="64,1", help="comma-separated; at 1, --batch-1-requests requests")
+    p.add_argument("--batch-1-requests", type=int, default=8)
+    p.add_argument("--modes", default="graphs,eager", help="graphs (the default engine), eager (--enforce-eager)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -100,16 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     result = {"host": host_info(args.device), "model": model, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"model {model} on {args.device}", flush=True)
     result["parity"] = check_parity(model, args.device, args.parity_tokens, **engine_args)
-    spec = ThroughputSpec(num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
-                          concurrency=args.concurrency)
-    config = engine_config(model=model, dtype="bfloat16", device=args.device, **engine_args)
-    config = replace(config, scheduler=replace(config.scheduler, max_num_seqs=max(args.concurrency, 1)))
-    throughput = run_throughput(config, spec)
-    print(format_result(throughput), flush=True)
-    result["throughput"] = throughput
-    result["spec"] = asdict(spec)
+    result["throughput"] = []
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        num_requests = args.batch_1_requests if concurrency == 1 else args.num_requests
+        spec = ThroughputSpec(num_requests=num_requests, input_len=args.input_len, output_len=args.output_len,
+                              concurrency=concurrency)
+        for mode in args.modes.split(","):
+            config = engine_config(model=model, dtype="bfloat16", device=args.device, max_num_seqs=concurrency,
+                                   enforce_eager=mode == "eager", **engine_args)
+            print(f"--- {mode}, concurrency {concurrency}", flush=True)
+            throughput = run_throughput(config, spec)
+            print(format_result(throughput), flush=True)
+            result["throughput"].append({"mode": mode, **throughput})
+            if args.out is not None:  # after each row: a run cut short by its time cap keeps what it measured
+                args.out.write_text(json.dumps(result, indent=1))
     return 0 if result["parity"]["passed"] else 1
 
 

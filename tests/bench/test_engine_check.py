@@ -12,13 +12,15 @@ def test_engine_check_runs_parity_and_throughput(tmp_path):
     make_tiny_model(tmp_path / "tiny", "llama")
     out = tmp_path / "engine.json"
     rc = engine_check.main(["--model", str(tmp_path / "tiny"), "--device", "cpu", "--parity-tokens", "4",
-                            "--num-requests", "4", "--concurrency", "2", "--input-len", "8", "--output-len", "3",
-                            "--num-kv-blocks", "64", "--out", str(out)])
+                            "--num-requests", "4", "--concurrency", "2,1", "--batch-1-requests", "2",
+                            "--input-len", "8", "--output-len", "3", "--num-kv-blocks", "64", "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["parity"]["passed"]
     assert [len(p["cpu"]) for p in result["parity"]["prompts"]] == [4] * len(engine_check.PROMPT_LENGTHS)
-    assert result["throughput"]["output_tokens"] == 4 * 3
-    assert result["throughput"]["device"] == "cpu" and result["host"]["torch"]
+    rows = result["throughput"]
+    assert [(r["mode"], r["spec"]["concurrency"], r["output_tokens"]) for r in rows] == [
+        ("graphs", 2, 4 * 3), ("eager", 2, 4 * 3), ("graphs", 1, 2 * 3), ("eager", 1, 2 * 3)]
+    assert all(r["device"] == "cpu" for r in rows) and result["host"]["torch"]
 
 
 @pytest.mark.slow

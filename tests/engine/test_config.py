@@ -20,7 +20,7 @@ ENGINE_FLAGS = {
     "--kv-cache-dtype": "auto", "--kv-window": 128, "--kv-staircase": "128:16,512:8,inf:4",
     "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None,
     "--attention-backend": "auto", "--device": "auto", "--quantization": None, "--attention-policy": "dense",
-    "--attention-policy-config": None,
+    "--attention-policy-config": None, "--cuda-graph-sizes": None, "--enforce-eager": False,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
              "--moe-parallel": "adaptive", "--threads-per-worker": None}
@@ -32,12 +32,13 @@ ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--se
         "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models",
         "--attention-backend", "torch", "--device", "cpu", "--quantization", "int8", "--afd", "1A2F",
         "--micro-batches", "3", "--ray-address", "auto", "--afd-transport", "shm", "--moe-parallel", "ep",
-        "--threads-per-worker", "2"]
+        "--threads-per-worker", "2", "--cuda-graph-sizes", "1,2", "--enforce-eager"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
               cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="1A2F",
-              micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2)
+              micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2,
+              cuda_graph_sizes="1,2", enforce_eager=True)
 
 
 def one_line_help(prog: str) -> argparse.HelpFormatter:
