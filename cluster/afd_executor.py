@@ -146,6 +146,9 @@ class AFDExecutor:
         self.ffn = [remote_ffn.remote(config, model_dir, model_config, max_model_len, rank, threads, index,
                                       len(self.ffn_ranks)) for index, rank in enumerate(self.ffn_ranks)]
         self._connect(par.afd_transport, config, model_config)
+        if len(self.ffn) > 1:  # sharded FFN halves: the FFN workers' own group, for expert-parallel passes
+            ip, port = ray.get([self.ffn[0].node_ip.remote(), self.ffn[0].free_port.remote()])
+            ray.get([ffn.init_expert_group.remote(ip, port) for ffn in self.ffn])
         ray.get([ffn.start.remote(self.attention_ranks) for ffn in self.ffn])
 
     def _connect(self, kind: str, config: EngineConfig, model_config: TransformerConfig) -> None:

@@ -19,7 +19,7 @@ import torch
 from afdserve.cluster.micro_batch import split_micro_batches
 from afdserve.cluster.stage_timer import StageTimer
 from afdserve.cluster.step_header import STEP, STOP, encode_header
-from afdserve.cluster.worker_common import build_transport
+from afdserve.cluster.worker_common import build_transport, free_port, node_ip
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
 from afdserve.engine.scheduler import SchedulerOutput
@@ -99,18 +99,14 @@ class AttentionWorker:
         self.runner = AFDModelRunner(config, model_dir, model_config, num_kv_blocks, max_model_len, rank)
 
     def node_ip(self) -> str:
-        import ray
-        return ray.util.get_node_ip_address()
+        return node_ip()
 
     def node_id(self) -> str:
         import ray
         return ray.get_runtime_context().get_node_id()
 
     def free_port(self) -> int:
-        import socket
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return free_port()
 
     def init_transport(self, kind: str, ffn_ranks: list[int], **kwargs) -> None:
         self.runner.transport = build_transport(kind, self.rank, **kwargs)

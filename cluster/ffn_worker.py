@@ -6,9 +6,10 @@ data-parallel rank with nothing scheduled). Then for every layer and micro-batch
 runs the layer's FFN half once over all of them together — the batching across attention workers that makes the
 FFN side compute-bound (Step-3) — and sends each rank its rows back, in the order the attention workers send.
 
-With y > 1 FFN workers this one holds shard `ffn_index` of `num_ffn_workers`: a contiguous range of whole experts,
-a slice of every expert and a slice of every dense MLP (models/layers/mlp.py, moe.py); each MoE pass runs
-expert-parallel or expert-sliced (cluster/moe_parallel.py), and its outputs are partial sums the attention side adds.
+With y > 1 FFN workers this one holds shard `ffn_index` of `num_ffn_workers`: a slice of every expert and of every
+dense MLP (models/layers/mlp.py, moe.py), 1/y of their bytes; each MoE pass runs expert-sliced, or expert-parallel
+with its experts gathered whole from the peers' slices for the pass (cluster/moe_parallel.py chooses,
+cluster/expert_group.py gathers), and its outputs are partial sums the attention side adds.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 from afdserve.cluster.moe_parallel import MoEParallelPlanner
 from afdserve.cluster.stage_timer import StageTimer
 from afdserve.cluster.step_header import STOP, decode_header, empty_header
-from afdserve.cluster.worker_common import build_transport
+from afdserve.cluster.expert_group import ExpertGroup
+from afdserve.cluster.worker_common import build_transport, free_port, node_ip
 from afdserve.engine.config import EngineConfig
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
 from afdserve.models.layer_loop import pipeline_order
@@ -40,13 +42,29 @@ class FFNWorker:
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn", ffn_shard=shard,
                                 quantization=config.model.quantization)
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
+        self.ffn_index, self.num_ffn_workers = ffn_index, num_ffn_workers
         self.hidden_size = model_config.hidden_size
         self.transport = None
+        self.expert_group: ExpertGroup | None = None
         self._thread: threading.Thread | None = None
         self.timer = StageTimer()
 
     def init_transport(self, kind: str, **kwargs) -> None:
         self.transport = build_transport(kind, self.rank, **kwargs)
+
+    def init_expert_group(self, host: str, port: int) -> None:
+        """Joins the FFN workers' group (every FFN worker at once; worker 0 serves the store at host:port) and
+        hands each sharded MoE layer its weight gather."""
+        self.expert_group = ExpertGroup(self.ffn_index, self.num_ffn_workers, host, port)
+        for layer in self.model.layers:
+            if layer.top_k:
+                layer.mlp.experts.gather = self.expert_group.gather
+
+    def node_ip(self) -> str:
+        return node_ip()
+
+    def free_port(self) -> int:
+        return free_port()
 
     def start(self, attention_ranks: list[int]) -> None:
         self._thread = threading.Thread(target=self._serve, args=(attention_ranks,), daemon=True)
@@ -61,6 +79,8 @@ class FFNWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def stage_times(self) -> dict:
+        if self.expert_group is not None:
+            self.timer.times.moe_gathered_bytes = self.expert_group.bytes_received
         return self.timer.times.as_dict()
 
     def weight_bytes(self) -> int:
@@ -99,21 +119,15 @@ class FFNWorker:
             routing = Routing(_cat(ids), _cat(weights)) if k else None
             if routing is not None:
                 timer.count_expert_tokens(index, routing.topk_ids, layer.mlp.experts.num_global_experts)
-            sliced = routing is not None and self._expert_sliced(layer, routing)
-            out = timer.compute(layer.ffn_half, _cat(inputs), routing, sliced)
+            if routing is not None and self.planner is not None:  # sharded experts: sliced, or parallel
+                sliced = self.planner.expert_sliced(routing.topk_ids, layer.mlp.experts)
+                out = timer.moe_pass(sliced, layer.ffn_half, _cat(inputs), routing, sliced)
+            else:
+                out = timer.compute(layer.ffn_half, _cat(inputs), routing)
             for (peer, _), rows in zip(parts, out.split([n for _, n in parts])):
                 timer.send(transport.send, rows, peer)
         transport.flush()
         timer.step_done(len(self.model.layers))
-
-
-    def _expert_sliced(self, layer, routing: Routing) -> bool:
-        """How this MoE pass runs over the FFN shards (always expert-parallel, trivially, for one FFN worker)."""
-        if self.planner is None:
-            return False
-        sliced = self.planner.expert_sliced(routing.topk_ids, layer.mlp.experts.num_global_experts)
-        self.timer.count_moe_pass(sliced)
-        return sliced
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """How a sharded MoE layer runs on the FFN workers, chosen per layer pass from the routed load (Tutel's adaptive
-parallelism switching, arXiv:2206.03382, over the layout of models/layers/moe.py's `shard_`).
+parallelism switching, arXiv:2206.03382 §3.2, over the one layout of models/layers/moe.py's `shard_`: each worker
+holds a slice of every expert).
 
-    expert-parallel: worker f runs the copies routed to its own experts, at full width. Its time follows its load,
-                     so the step waits for the most loaded worker.
-    expert-sliced:   every worker runs every routed copy at 1/y of the width: always balanced, but y times the
-                     GEMM launches, each y times thinner.
+    expert-sliced:   every worker runs every routed copy at 1/y of the width: always balanced, and no weight moves
+                     (the tokens reach every worker anyway: the attention side broadcasts them and sums the parts).
+    expert-parallel: worker f gathers its own experts whole from the peers' slices (cluster/expert_group.py) and runs
+                     the copies routed to them at full width: fewer, wider GEMMs, but its time follows its load,
+                     and the gather moves (y - 1) / y of its experts' bytes every pass.
 
 Every FFN worker receives the same routing, so each reaches the same choice on its own; no message is needed.
-Policy "adaptive" takes expert-sliced when the busiest worker would get more than `threshold` times the mean load.
+Policy "adaptive" runs a pass expert-sliced when the busiest worker would get more than `threshold` times the mean
+load, or when the pass is too small for the gather to pay (Tutel's `parallel_type='auto'` rule: slice while the
+token copies x (y - 1) x 2 are fewer than the weight rows of a worker's experts); expert-parallel otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from afdserve.engine.config import MOE_PARALLEL_POLICIES
 from afdserve.models.layers.mlp import shard_range
+from afdserve.models.layers.moe import Experts
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,19 @@ class MoEParallelPlanner:
         if self.policy not in MOE_PARALLEL_POLICIES:
             raise ValueError(f"moe_parallel must be one of {', '.join(MOE_PARALLEL_POLICIES)}, got {self.policy!r}")
 
-    def expert_sliced(self, topk_ids: torch.Tensor, num_experts: int) -> bool:
+    def expert_sliced(self, topk_ids: torch.Tensor, experts: Experts) -> bool:
         if self.policy != "adaptive":
             return self.policy == "sliced"
-        return worker_imbalance(topk_ids, num_experts, self.num_workers) > self.threshold
+        num_experts = experts.num_global_experts
+        if worker_imbalance(topk_ids, num_experts, self.num_workers) > self.threshold:
+            return True
+        return not gather_pays_off(topk_ids.numel(), num_experts, experts.intermediate_size, self.num_workers)
+
+
+def gather_pays_off(num_copies: int, num_experts: int, intermediate_size: int, num_workers: int) -> bool:
+    """Tutel's rule, in rows of hidden size: the token copies an expert-sliced pass replicates to the other workers,
+    both ways (copies x (y - 1) x 2), against a worker's experts' weights (3 x I rows each: gate, up, down)."""
+    return num_copies * (num_workers - 1) * 2 >= 3 * intermediate_size * num_experts / num_workers
 
 
 def worker_imbalance(topk_ids: torch.Tensor, num_experts: int, num_workers: int) -> float:

@@ -17,6 +17,9 @@ class StageTimes:
     wait_s: float = 0.0  # blocked in recv: the other side's compute plus the transfer
     moe_ep_passes: int = 0  # sharded MoE layer passes run expert-parallel / expert-sliced (FFN workers, y > 1)
     moe_sliced_passes: int = 0
+    moe_ep_s: float = 0.0  # time in those passes, by mode (an expert-parallel pass includes its weight gather)
+    moe_sliced_s: float = 0.0
+    moe_gathered_bytes: int = 0  # expert weight bytes received from the peers for expert-parallel passes
     # FFN workers: per MoE layer (its index, as a string key), the token rows routed to each expert so far. Every
     # FFN worker receives the whole routing, so each holds the same counts.
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -48,11 +51,18 @@ class StageTimer:
         self.times.wait_s += self._clock() - start
         return out
 
-    def count_moe_pass(self, expert_sliced: bool) -> None:
+    def moe_pass(self, expert_sliced: bool, fn, *args):
+        """A sharded MoE layer's pass: compute time, also counted by the mode it ran in."""
+        start = self._clock()
+        out = self.compute(fn, *args)
+        seconds = self._clock() - start
         if expert_sliced:
             self.times.moe_sliced_passes += 1
+            self.times.moe_sliced_s += seconds
         else:
             self.times.moe_ep_passes += 1
+            self.times.moe_ep_s += seconds
+        return out
 
     def count_expert_tokens(self, layer: int, topk_ids, num_experts: int) -> None:
         counts = topk_ids.reshape(-1).bincount(minlength=num_experts).tolist()
@@ -86,6 +96,9 @@ def summarize(attention: dict, ffn: dict, workers: dict[str, list[dict]] | None 
         "ffn_bubble": bubble(ffn),
         "moe_ep_passes": ffn["moe_ep_passes"],
         "moe_sliced_passes": ffn["moe_sliced_passes"],
+        "moe_ep_s": ffn["moe_ep_s"],
+        "moe_sliced_s": ffn["moe_sliced_s"],
+        "moe_gathered_bytes": ffn["moe_gathered_bytes"],
         "expert_tokens": ffn.get("expert_tokens", {}),
         "per_worker": [{"role": role, "rank": rank, "compute_ms_per_layer": per_layer_ms(t, "compute_s"),
                         "wait_ms_per_layer": per_layer_ms(t, "wait_s"), "bubble": bubble(t)}

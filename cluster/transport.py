@@ -32,11 +32,11 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).view(-1)
 
 
-def _byte_view(out: torch.Tensor) -> torch.Tensor:
+def byte_view(out: torch.Tensor) -> torch.Tensor:
     """The bytes of a receive buffer, written in place: the buffer must be contiguous."""
     if not out.is_contiguous():
         raise ValueError("receive buffers must be contiguous")
@@ -53,11 +53,11 @@ class GlooTransport:
         self._pending: list = []
 
     def send(self, tensor: torch.Tensor, peer: int) -> None:
-        payload = _as_bytes(tensor)  # gloo moves bytes; this also covers bf16 / fp8
+        payload = as_bytes(tensor)  # gloo moves bytes; this also covers bf16 / fp8
         self._pending.append((dist.isend(payload, peer), payload))
 
     def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
-        dist.recv(_byte_view(out), peer)
+        dist.recv(byte_view(out), peer)
         return out
 
     def flush(self) -> None:
@@ -102,7 +102,7 @@ class _ShmChannel:
         self.received = 0
 
     def put(self, tensor: torch.Tensor) -> None:
-        data = _as_bytes(tensor)
+        data = as_bytes(tensor)
         if data.numel() > self.spec.slot_bytes:
             raise ValueError(f"message of {data.numel()} bytes exceeds the shm slot size {self.spec.slot_bytes}")
         slot, seq = self.sent % self.spec.slots, self.sent + 1
@@ -116,7 +116,7 @@ class _ShmChannel:
         slot, seq = self.received % self.spec.slots, self.received + 1
         header = self.headers[slot]
         _spin_until(lambda: header[0] >= seq)
-        view = _byte_view(out)
+        view = byte_view(out)
         view.copy_(self.payloads[slot][:view.numel()])
         header[1] = seq
         self.received = seq

@@ -1,4 +1,4 @@
-"""What both kinds of AFD worker do the same way: open the transport."""
+"""What both kinds of AFD worker do the same way: open the transport, say where they run."""
 from __future__ import annotations
 
 from afdserve.cluster.transport import GlooTransport, ShmTransport, Transport
@@ -10,3 +10,15 @@ def build_transport(kind: str, rank: int, **kwargs) -> Transport:
     if kind == "shm":
         return ShmTransport(rank, kwargs["channels"])
     raise ValueError(f"unknown transport {kind!r}")
+
+
+def node_ip() -> str:
+    import ray
+    return ray.util.get_node_ip_address()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

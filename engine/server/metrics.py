@@ -171,6 +171,15 @@ class _EngineStatsCollector:
             modes.add_metric([self.model_name, "expert_parallel"], afd["moe_ep_passes"])
             modes.add_metric([self.model_name, "expert_sliced"], afd["moe_sliced_passes"])
             yield modes
+            mode_seconds = CounterMetricFamily(PREFIX + "afd_moe_layer_pass_seconds",
+                                               "AFD: FFN worker 0's time in sharded MoE layer passes by mode (an "
+                                               "expert-parallel pass includes gathering its experts).",
+                                               labels=["model_name", "mode"])
+            mode_seconds.add_metric([self.model_name, "expert_parallel"], afd["moe_ep_s"])
+            mode_seconds.add_metric([self.model_name, "expert_sliced"], afd["moe_sliced_s"])
+            yield mode_seconds
+            yield family(CounterMetricFamily, "afd_moe_gathered_weight_bytes", "AFD: expert weight bytes FFN worker 0 "
+                         "received from its peers for expert-parallel passes.", afd["moe_gathered_bytes"])
             for side in ("attention", "ffn"):
                 yield family(GaugeMetricFamily, f"afd_{side}_bubble_ratio",
                              f"AFD: fraction of the {side} workers' busy time spent waiting for the other side.",

@@ -6,13 +6,14 @@
         coef = softmax(coefficient(x))   [T, 2], Linear(H, 2) with bias, in fp32
         MoEBlock(x, routing) = Experts(x, ...) * coef[:, 0] + residual_mlp(x) * coef[:, 1]
 
-Sharding (AFD with several FFN workers), one layout for two ways of running the routed experts (Tutel's adaptive
-parallelism, arXiv:2206.03382): `shard_` keeps worker f's contiguous range of whole experts AND slice f
-of every expert's intermediate dimension. A pass runs either expert-parallel (whole local experts; copies routed
-to other workers' experts are skipped) or expert-sliced (every routed copy, at 1/world of the width) — chosen per
-pass from the routed load, with no weight moved. The price is memory: about 2/world of the experts per worker
-instead of 1/world. The shared expert / residual MLP are always sliced. Either way the workers' outputs sum to the
-whole block's (every term is linear in the parts, the per-token gate and mixing coefficients included).
+Sharding (AFD with several FFN workers), one layout for two ways of running the routed experts (Tutel's identical
+layout, arXiv:2206.03382 §3.2): `shard_` keeps slice f of every expert's intermediate dimension and nothing else, so
+each of y workers holds 1/y of the expert bytes. A pass runs either expert-sliced (every routed copy at 1/y of the
+width: the tokens are replicated to every worker and the partial outputs summed, which the A->F broadcast and the
+attention side's sum already do) or expert-parallel (worker f gathers the other slices of its own experts from its
+peers for the pass, `Experts.gather`, and runs only the copies routed to them at full width). The two differ only in
+which collective runs; no weight is kept twice. The shared expert / residual MLP are always sliced. Either way the
+workers' outputs sum to the whole block's (every term is linear in the parts, the gate and mixing coefficients too).
 
 Routing is computed on the attention side (models/layers/moe_router.py) and passed in, so this block can move into an
 FFN worker unchanged (docs/architecture.md, seam 1); the residual coefficient needs only x, so it is computed here.
@@ -20,6 +21,8 @@ Shared experts: DeepSeekMoE's `n_shared_experts` are one gated MLP of width n_sh
 Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,47 +34,65 @@ from afdserve.models.layers.moe_router import Routing
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
+    """E routed SwiGLU experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]; after `shard_`, this
+    worker's slice of every expert: w13 [E, 2I_f, H], w2 [E, H, I_f]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.num_global_experts = num_experts  # the router's id space; w13/w2 hold experts [offset, offset + E_local)
-        self.expert_offset = 0
-        self.w13_sliced: torch.Tensor | None = None  # after shard_: [E, 2 * I_slice, H], this worker's slice of each
-        self.w2_sliced: torch.Tensor | None = None  # [E, H, I_slice]
+        self.num_global_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.shard: tuple[int, int] | None = None  # (rank, world) after shard_
+        # Set by the FFN worker on a sharded block: whole weights of this worker's experts for an expert-parallel
+        # pass, from its slice and its peers' (cluster/expert_group.py).
+        self.gather: Callable[["Experts"], tuple[torch.Tensor, torch.Tensor]] | None = None
         # Tokens (token copies, T*k in all) each expert received in the last forward: balancing / AFD planner input.
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 expert_sliced: bool = False) -> torch.Tensor:
-        if expert_sliced:
-            if self.w13_sliced is None:
-                raise ValueError("an expert-sliced pass needs a sharded MoE block (shard_)")
-            out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13_sliced, self.w2_sliced,
-                                                                              topk_ids, topk_weights)
+        if expert_sliced and self.shard is None:
+            raise ValueError("an expert-sliced pass needs a sharded MoE block (shard_)")
+        if self.shard is None or expert_sliced:  # whole experts, or this worker's slice of every one
+            out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13, self.w2, topk_ids,
+                                                                              topk_weights)
             return out
-        num_local = self.w13.shape[0]
-        if num_local != self.num_global_experts:
-            if x.device.type != "cpu":
-                raise NotImplementedError("expert-parallel shards run the torch expert path only")
-            local = topk_ids - self.expert_offset
-            topk_ids = torch.where((local >= 0) & (local < num_local), local, num_local)  # num_local: not here
-        out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, self.w13, self.w2, topk_ids, topk_weights)
+        if self.gather is None:
+            raise ValueError("an expert-parallel pass on a sharded MoE block needs its weight gather (Experts.gather)")
+        if x.device.type != "cpu":
+            raise NotImplementedError("expert-parallel shards run the torch expert path only")
+        lo, hi = self.local_experts
+        w13, w2 = self.gather(self)
+        local = topk_ids - lo
+        topk_ids = torch.where((local >= 0) & (local < hi - lo), local, hi - lo)  # hi - lo: not here
+        out, self.last_tokens_per_expert = select_moe_impl(x.device.type)(x, w13, w2, topk_ids, topk_weights)
         return out
 
+    @property
+    def local_experts(self) -> tuple[int, int]:
+        """The experts [lo, hi) whose copies this shard runs in an expert-parallel pass."""
+        return shard_range(self.num_global_experts, *self.shard)
+
+    def slice_of(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's slice of experts [lo, hi): w13 [n, 2I_f, H], w2 [n, H, I_f]."""
+        return self.w13[lo:hi], self.w2[lo:hi]
+
     def shard_(self, rank: int, world: int) -> None:
-        """Keeps experts [lo, hi) of `rank` out of `world` whole, and slice `rank` of every expert, in place."""
-        inter = self.w2.shape[2]
-        s_lo, s_hi = shard_range(inter, rank, world)
+        """Keeps slice `rank` of `world` of every expert's intermediate dimension, in place."""
+        s_lo, s_hi = shard_range(self.intermediate_size, rank, world)
+        inter = self.intermediate_size
         w13 = self.w13.detach()
-        self.w13_sliced = torch.cat([w13[:, s_lo:s_hi], w13[:, inter + s_lo:inter + s_hi]], dim=1)
-        self.w2_sliced = self.w2.detach()[:, :, s_lo:s_hi].contiguous()
-        lo, hi = shard_range(self.num_global_experts, rank, world)
-        self.w13 = nn.Parameter(self.w13.detach()[lo:hi].clone(), requires_grad=False)
-        self.w2 = nn.Parameter(self.w2.detach()[lo:hi].clone(), requires_grad=False)
-        self.expert_offset = lo
+        self.w13 = nn.Parameter(torch.cat([w13[:, s_lo:s_hi], w13[:, inter + s_lo:inter + s_hi]], dim=1),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(self.w2.detach()[:, :, s_lo:s_hi].contiguous(), requires_grad=False)
+        self.shard = (rank, world)
+
+
+def join_slices(slices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole expert weights from every shard's slice of them, in shard order: w13 [n, 2I, H], w2 [n, H, I]."""
+    gates, ups = zip(*(w13.chunk(2, dim=1) for w13, _ in slices))
+    return torch.cat([*gates, *ups], dim=1), torch.cat([w2 for _, w2 in slices], dim=2)
 
 
 class MoEBlock(nn.Module):

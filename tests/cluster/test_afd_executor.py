@@ -137,24 +137,40 @@ def test_afd_1a2f_int8_weights_match_local(tiny_llama):
     assert distance(got, local_int8) <= distance(got, unquantized) / 2
 
 
-@pytest.mark.parametrize("afd, moe_parallel", [("1A2F", "ep"), ("1A2F", "sliced"), ("2A2F", "adaptive")])
-def test_afd_sharded_moe_equals_local(tmp_path, afd, moe_parallel):
-    """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) over two FFN workers: experts run
-    expert-parallel, expert-sliced, or either per pass; the shared expert / dense MLP are sliced."""
+@pytest.mark.parametrize("afd, moe_parallel, transport", [("1A2F", "ep", "shm"), ("1A2F", "sliced", "shm"),
+                                                          ("2A2F", "adaptive", "gloo")])
+def test_afd_sharded_moe_equals_local(tmp_path, afd, moe_parallel, transport):
+    """A tiny Qwen2-MoE (routed experts + gated shared expert, one dense layer) over two FFN workers, each holding
+    half of every expert: experts run expert-parallel (gathered whole from the peer for the pass), expert-sliced,
+    or either per pass; the shared expert / dense MLP are sliced. The adaptive run's 120-token prompt is a pass big
+    enough for the gather to pay (cluster/moe_parallel.gather_pays_off: 192 copies here), its decodes are not."""
     make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                     moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1])
+    prompts = PROMPTS + [list(range(130, 250))]
     expected = [o.outputs[0].token_ids for o in
-                LLM(str(tmp_path), dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)]
-    llm = LLM(str(tmp_path), dtype="float32", afd=afd, micro_batches=2, afd_transport="shm",
+                LLM(str(tmp_path), dtype="float32").generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(str(tmp_path), dtype="float32", afd=afd, micro_batches=2, afd_transport=transport,
               moe_parallel=moe_parallel)
     try:
-        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
         times = llm.engine.core.executor.stage_times()
         ep, sliced = times["moe_ep_passes"], times["moe_sliced_passes"]
-        assert ep + sliced > 0
-        assert {"ep": sliced == 0, "sliced": ep == 0, "adaptive": True}[moe_parallel]
+        assert {"ep": ep > 0 and sliced == 0, "sliced": sliced > 0 and ep == 0,
+                "adaptive": ep > 0 and sliced > 0}[moe_parallel], (ep, sliced)
+        assert (times["moe_gathered_bytes"] > 0) == (ep > 0)
+        # Each FFN worker holds half of the routed experts' bytes (their slices are equal here), not a second copy.
+        # The per-token shared-expert gate (H -> 1) is whole on both; the router stays on the attention side.
+        sizes = {name: t.numel() * 4 for name, t in _checkpoint(tmp_path).items() if ".mlp." in name}
+        whole = sum(n for name, n in sizes.items() if ".shared_expert_gate." in name)
+        halved = sum(n for name, n in sizes.items() if ".shared_expert_gate." not in name and ".mlp.gate." not in name)
+        assert core_bytes(llm)["ffn"] == [halved // 2 + whole] * 2
     finally:
         llm.engine.shutdown()
+
+
+def _checkpoint(directory) -> dict:
+    from safetensors.torch import load_file
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("afd", ["3X", "0A1F", "1A0F", "A1F"])

@@ -87,6 +87,7 @@ def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, 
         assert 0 <= metric(samples, "afdserve:afd_ffn_bubble_ratio") < 1
         if model == "tiny-moe" and afd.endswith("2F"):  # sharded MoE passes, by how they ran
             assert metric(samples, "afdserve:afd_moe_layer_passes_total") > 0
+            assert metric(samples, "afdserve:afd_moe_layer_pass_seconds_total") > 0
         x, y = int(afd[0]), int(afd[2])  # every worker reports, not worker 0 alone
         workers = {(dict(labels)["role"], dict(labels)["rank"]) for (name, labels) in samples
                    if name == "afdserve:afd_worker_compute_seconds_per_layer"}
