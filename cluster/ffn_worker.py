@@ -40,7 +40,7 @@ class FFNWorker:
         # MLP / MoE only; several FFN workers each hold a shard, and MoE passes run expert-parallel or expert-sliced.
         shard = (ffn_index, num_ffn_workers) if num_ffn_workers > 1 else None
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn", ffn_shard=shard,
-                                quantization=config.model.quantization)
+                                quantization=config.model.quantization, expert_cache=config.model.expert_cache)
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         self.ffn_index, self.num_ffn_workers = ffn_index, num_ffn_workers
         self.hidden_size = model_config.hidden_size

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from afdserve.kernels.attention import ATTENTION_BACKENDS
+from afdserve.models.layers.expert_cache import EXPERT_CACHE_POLICIES
 from afdserve.kernels.attention.sparse.registry import POLICY_NAMES, make_policy, parse_policy_params
 
 
@@ -56,10 +57,25 @@ class ModelConfig:
                                                 "default: 1,2,4,8,16,24,32,48,64,96,128,192,256 up to max_num_seqs",
                                           metavar="N,N,...")
     enforce_eager: bool = option(False, "run every step eagerly: capture no CUDA graphs")
+    expert_cache_size: int | None = option(None, "MoE experts kept in memory per layer; the others are memory-mapped "
+                                                 "from disk and loaded on use (CPU); default: every expert resident")
+    expert_cache_policy: str = option("belady", "which resident expert a load evicts: belady (next use farthest "
+                                                "in the known routing) or lru", choices=EXPERT_CACHE_POLICIES)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         parse_cuda_graph_sizes(self.cuda_graph_sizes)  # a bad list fails here
+        if self.expert_cache_policy not in EXPERT_CACHE_POLICIES:
+            raise ValueError(f"expert_cache_policy must be one of {', '.join(EXPERT_CACHE_POLICIES)}, "
+                             f"got {self.expert_cache_policy!r}")
+        if self.expert_cache_size is None and self.expert_cache_policy != "belady":
+            raise ValueError("expert_cache_policy: set, but read only with expert_cache_size; set expert_cache_size "
+                             "or leave expert_cache_policy out")
+        if self.expert_cache_size is not None and self.expert_cache_size < 1:
+            raise ValueError(f"expert_cache_size must be >= 1, got {self.expert_cache_size}")
+        if self.expert_cache_size is not None and self.device != "cpu":
+            raise ValueError(f"expert_cache_size keeps the resident experts in host memory (CPU); leave it unset on "
+                             f"{self.device}")
         if self.attention_policy_config is not None and self.attention_policy == "dense":
             raise ValueError("attention_policy_config: set, but attention_policy is 'dense', which takes none; name "
                              "a sparse policy or leave it out")
@@ -77,6 +93,11 @@ class ModelConfig:
         if self.quantization is not None and self.device != "cpu":
             raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's weight-only CPU kernels); "
                              f"leave it unset on {self.device}")
+
+    @property
+    def expert_cache(self) -> tuple[int, str] | None:
+        """(experts resident per layer, eviction policy), or None: every expert resident."""
+        return None if self.expert_cache_size is None else (self.expert_cache_size, self.expert_cache_policy)
 
     @property
     def attention_policy_spec(self) -> dict:
@@ -198,7 +219,17 @@ class SchedulerConfig:
                                              "step time, fitted from the engine's own steps, caps the batch and the "
                                              "prefill chunk, and requests beyond it wait; default: no cap")
 
+    expert_batch_size: int | None = option(None, "pre-gated MoE (Read-ME) models: at most this many decodes per step, "
+                                                 "chosen to share experts (the router's choice for each request's "
+                                                 "next token); default: every ready decode runs")
+    expert_batch_max_wait: int = option(4, "expert batching: steps a ready decode may be held back before it goes "
+                                           "first")
+
     def __post_init__(self) -> None:
+        if self.expert_batch_size is not None and self.expert_batch_size < 1:
+            raise ValueError(f"expert_batch_size must be >= 1, got {self.expert_batch_size}")
+        if self.expert_batch_max_wait < 0:
+            raise ValueError(f"expert_batch_max_wait must be >= 0, got {self.expert_batch_max_wait}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -284,9 +315,15 @@ class EngineConfig:
         if on_gpu and self.parallel.enabled:
             raise ValueError(f"afd runs its workers on the CPU (the transports move host tensors); use device 'cpu' "
                              f"with afd, or drop afd to serve on {self.model.device}")
+        if self.scheduler.expert_batch_size is not None and self.parallel.num_attention_workers > 1:
+            raise ValueError(f"expert_batch_size picks one scheduler's decodes; afd {self.parallel.afd} schedules "
+                             f"{self.parallel.num_attention_workers} attention ranks (use x = 1, or leave it out)")
         if self.scheduler.tpot_slo_ms is not None and self.parallel.num_attention_workers > 1:
             raise ValueError(f"tpot_slo_ms caps one scheduler's batch; afd {self.parallel.afd} schedules "
                              f"{self.parallel.num_attention_workers} attention ranks (use x = 1, or leave it out)")
+        if self.model.expert_cache_size is not None and self.parallel.num_ffn_workers > 1:
+            raise ValueError(f"expert_cache_size caches whole experts, which FFN sharding slices; afd "
+                             f"{self.parallel.afd} has {self.parallel.num_ffn_workers} FFN workers (use y = 1)")
         if self.model.quantization == "int4" and self.parallel.num_ffn_workers > 1:
             raise ValueError(f"quantization 'int4' packs groups of input channels that FFN sharding would split; afd "
                              f"{self.parallel.afd} has {self.parallel.num_ffn_workers} FFN workers (use y = 1, or int8)")

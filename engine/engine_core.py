@@ -13,6 +13,7 @@ from afdserve.engine.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from afdserve.engine.sla_control import TPOTController
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.dp_scheduler import DataParallelScheduler
+from afdserve.engine.expert_batching import ExpertBatching
 from afdserve.kernels.attention.kv_tiers import KVCacheSpec
 
 
@@ -31,7 +32,8 @@ class EngineCoreOutput:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, num_kv_blocks: int, max_model_len: int,
-                 kv_spec: KVCacheSpec | None = None, cost_meter: CostMeter | None = None):
+                 kv_spec: KVCacheSpec | None = None, cost_meter: CostMeter | None = None,
+                 expert_batching: ExpertBatching | None = None):
         self.config = config
         # One KV cache per attention rank: data-parallel attention (AFD with x > 1 attention workers) has several.
         num_ranks = config.parallel.num_attention_workers if config.parallel.enabled else 1
@@ -39,7 +41,8 @@ class EngineCore:
                                            kv_spec, config.model.attention_policy_spec) for _ in range(num_ranks)]
         slo_ms = config.scheduler.tpot_slo_ms
         self.sla = TPOTController(slo_ms / 1000) if slo_ms is not None else None  # config refuses it with x > 1
-        self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len, sla=self.sla)
+        self.scheduler = (Scheduler(config.scheduler, self.kv_managers[0], max_model_len, sla=self.sla,
+                                    expert_batching=expert_batching)
                           if num_ranks == 1 else
                           DataParallelScheduler(config.scheduler, self.kv_managers, max_model_len))
         self.executor = executor

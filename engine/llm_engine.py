@@ -13,6 +13,7 @@ import torch
 
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.engine_core import EngineCore
+from afdserve.engine.expert_batching import ExpertBatching
 from afdserve.engine.executor import make_executor
 from afdserve.engine.model_runner import kv_cache_spec_for
 from afdserve.engine.output_processor import OutputProcessor
@@ -23,6 +24,7 @@ from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.tokenizer import Tokenizer
 from afdserve.models.hf_config import load_transformer_config, resolve_dtype
 from afdserve.models.model_path import default_cache_dir, resolve_model_path
+from afdserve.models.readme import READ_ME_ARCHITECTURE, token_expert_table
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +52,22 @@ class LLMEngine:
                            self.kv_spec.max_seqs, self.kv_spec.max_seqs, config.scheduler.max_num_seqs)
         executor = make_executor(config, self.model_dir, self.model_config, self.num_kv_blocks, self.max_model_len)
         cost_meter = CostMeter.for_model(self.model_config, self.kv_spec.block_bytes / config.cache.block_size)
-        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len, self.kv_spec, cost_meter)
+        self.core = EngineCore(config, executor, self.num_kv_blocks, self.max_model_len, self.kv_spec, cost_meter,
+                               self._expert_batching())
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self._ids = itertools.count()
+
+    def _expert_batching(self) -> ExpertBatching | None:
+        """--expert-batch-size: the scheduler's expert-aware batching, with the router's vocab -> experts table."""
+        sched = self.config.scheduler
+        if sched.expert_batch_size is None:
+            return None
+        if self.model_config.architecture != READ_ME_ARCHITECTURE:
+            raise ValueError(f"expert_batch_size: set, but {self.model_config.architecture} has no pre-gating router; "
+                             f"expert batching needs a {READ_ME_ARCHITECTURE} (afdserve readme-refactor), whose "
+                             f"token's experts follow from the token")
+        return ExpertBatching(token_expert_table(self.model_dir), sched.expert_batch_size, sched.expert_batch_max_wait)
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache

@@ -84,7 +84,8 @@ class ModelRunner:
         self.write_slot_of = self.kv_stairs.slot if self.kv_stairs else range(num_kv_blocks)
         attention = select_attention_backend(config.model.attention_backend, self.device)
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, attention, self.device,
-                                self.model_role, quantization=config.model.quantization)
+                                self.model_role, quantization=config.model.quantization,
+                                expert_cache=config.model.expert_cache)
         self.attention_policies, self.default_policy = self._attention_policies(num_kv_blocks)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.model.seed)

@@ -56,6 +56,7 @@ class Request:
         self.num_sent_blocks = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 until then
         self.num_preemptions = 0
+        self.decode_steps_held = 0  # consecutive steps it was ready to decode and expert batching held it back
         self.num_worker_failures = 0  # AFD worker failures it was running at (Scheduler.recover_from_worker_failure)
         self.cost = RequestCost()  # FLOPs and KV reads of every chunk computed for it (EngineCore charges them)
         self.status = RequestStatus.WAITING

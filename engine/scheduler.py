@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from afdserve.engine.config import SchedulerConfig
+from afdserve.engine.expert_batching import ExpertBatching
 from afdserve.engine.kv_cache_manager import KVCacheManager
 from afdserve.engine.kv_staircase import StairMove
 from afdserve.engine.request import Request, RequestStatus
@@ -80,9 +81,10 @@ MAX_WORKER_FAILURES = 1  # failed steps a request may be in and still be retried
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, rank: int = 0,
-                 sla: TPOTController | None = None):
+                 sla: TPOTController | None = None, expert_batching: ExpertBatching | None = None):
         self.config = config
         self.sla = sla
+        self.expert_batching = expert_batching  # --expert-batch-size: which ready decodes run together
         self.kv = kv
         self.rank = rank
         self.max_model_len = max_model_len
@@ -107,12 +109,15 @@ class Scheduler:
         limits = self.sla.limits(self._num_decoding()) if self.sla is not None else NO_LIMITS
         prefill_budget = limits.prefill_tokens if limits.prefill_tokens is not None else budget
         preemptions_before = self.num_preemptions
+        held = self._held_decodes()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
             num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
-            if num_new == 0:  # a prefill the SLO has no room for this step: it keeps its blocks and goes on later
+            if request.request_id in held:
+                num_new = 0
+            if num_new == 0:  # held back this step (the SLO's or expert batching's): it keeps its blocks
                 i += 1
                 continue
             if not self._allocate_or_preempt(request, num_new):
@@ -150,6 +155,17 @@ class Scheduler:
         if moves:
             out.kv_moves[self.rank] = moves
         return out
+
+    def _held_decodes(self) -> set[str]:
+        """Expert batching's choice for this step: the ready decodes it holds back (each one's count of steps
+        held, which the aging bound reads, is kept here)."""
+        if self.expert_batching is None:
+            return set()
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        held = self.expert_batching.held(decodes)
+        for request in decodes:
+            request.decode_steps_held = request.decode_steps_held + 1 if request.request_id in held else 0
+        return held
 
     def _num_decoding(self) -> int:
         return sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)

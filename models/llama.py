@@ -13,7 +13,10 @@ the token ids by its pre-gating router (models/readme.py). One loop alternates t
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -23,6 +26,7 @@ from afdserve.kernels.attention import AttentionBackend, AttentionMetadata, Torc
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
 from afdserve.kernels.quant_linear import quantize_weight, quantized_linear
+from afdserve.models.layers.expert_cache import offload_directory
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mfa import MFAttention
 from afdserve.models.layers.mlp import GatedMLP
@@ -162,6 +166,7 @@ class LlamaForCausalLM(nn.Module):
             self.experts_stacked = moe.hf_experts_stacked
             fp32_gate = ("router.gate.weight",) if moe.router_fp32 else ()
             self.fp32_params = ("router.e_score_correction_bias", *fp32_gate)
+        self.expert_offload = None  # offload_experts: (the experts' files, the prefetch thread)
         self.pre_gating_router = None
         if moe is not None and moe.pre_gated:
             router_hidden, router_inter = router_sizes(cfg)
@@ -205,7 +210,29 @@ class LlamaForCausalLM(nn.Module):
         """The first hidden states and what every layer of this step reads besides them."""
         hidden = self.embed_tokens(input_ids)
         routing = None if self.pre_gating_router is None else self.pre_gating_router(input_ids)
+        if routing is not None and self.expert_offload is not None and self.expert_offload[1] is not None:
+            # Pre-gating: every layer's experts are known now, so an expert cache loads a layer's missing experts
+            # while the layers before it compute.
+            needed = torch.unique(routing.topk_ids).tolist()
+            for layer in self.layers:
+                if layer.top_k:
+                    layer.mlp.experts.cache.prefetch(needed)
         return hidden, LayerContext(self.rotary.tables(positions, hidden.dtype), routing)
+
+    def offload_experts(self, capacity: int, policy: str, parent: Path | None = None) -> None:
+        """--expert-cache-size: each MoE layer keeps `capacity` experts in memory, the rest memory-mapped from files
+        under `parent` (default: the system's temporary directory) that live as long as the model. For the
+        pre-gated models one background thread prefetches, where the host has a core beside torch's threads: on
+        2 cores running 2 torch threads it made decode steps slower (bench readme; models/layers/expert_cache.py)."""
+        if self.moe_config is None:
+            raise ValueError("expert_cache_size: set, but the model has no MoE experts")
+        spare_core = (os.cpu_count() or 1) > torch.get_num_threads()
+        prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if spare_core else None
+        self.expert_offload = (offload_directory(parent), prefetcher)
+        directory, prefetcher = Path(self.expert_offload[0].name), self.expert_offload[1]
+        for index, layer in enumerate(self.layers):
+            if layer.top_k:
+                layer.mlp.experts.offload_(capacity, policy, directory / f"layer{index}", prefetcher)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last FFN output added to the residual stream, normalized: what compute_logits reads."""

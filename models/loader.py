@@ -144,11 +144,13 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str]) -> None:
 def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_positions: int,
                attention: AttentionBackend | None = None, device: torch.device | str = "cpu",
                role: str | None = None, ffn_shard: tuple[int, int] | None = None,
-               quantization: str | None = None) -> nn.Module:
+               quantization: str | None = None, expert_cache: tuple[int, str] | None = None) -> nn.Module:
     """attention: the attention backend (kernels/attention.select_attention_backend); None: the torch reference.
     role: None for the whole model, or "attention" / "ffn" for one side of an AFD deployment (prune_to_role).
     ffn_shard: (index, count) of an FFN worker among several: it keeps its shard of every MLP / MoE block.
     quantization: None, "int8" or "int4" (weight-only; engine/config.QUANTIZATIONS), applied to what this process keeps.
+    expert_cache: (experts resident per layer, eviction policy) for a process that runs the MoE experts
+    (offload_experts); None: all resident.
     The weights are read on the host, cast, moved to `device`, packed or quantized for inference, then sharded."""
     model = build_model(cfg, max_positions, attention)
     if role is not None:
@@ -160,6 +162,8 @@ def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_
     if ffn_shard is not None:  # after quantizing: a shard's int8 codes and scales are the whole layer's
         for layer in model.layers:
             layer.mlp.shard_(*ffn_shard)
+    if expert_cache is not None and role != "attention":
+        model.offload_experts(*expert_cache)
     return model
 
 

@@ -29,7 +29,12 @@ and the dense model's other tensors unchanged.
 """
 from __future__ import annotations
 
-from afdserve.models.hf_config import TransformerConfig
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from afdserve.models.hf_config import TransformerConfig, load_transformer_config
 from afdserve.models.layers.moe_router import RouterConfig
 from afdserve.models.moe_config import MoEConfig, check_silu
 
@@ -54,3 +59,29 @@ def readme_moe_config(cfg: TransformerConfig) -> MoEConfig:
 def router_sizes(cfg: TransformerConfig) -> tuple[int, int]:
     """The pre-gating router's (hidden, intermediate) widths."""
     return cfg.raw.get("router_hidden_size", 64), cfg.raw.get("router_intermediate_size", 64)
+
+
+def load_pre_gating_router(model_dir: Path, top_k: int | None = None):
+    """The saved pre-gating router alone (fp32), read without the rest of the checkpoint; top_k: the config's."""
+    from afdserve.models.layers.pre_gating_router import PreGatingRouter
+    cfg = load_transformer_config(model_dir)
+    hidden, inter = router_sizes(cfg)
+    num_experts = cfg.raw["num_experts"]
+    router = PreGatingRouter(cfg.vocab_size, hidden, inter, num_experts, top_k or cfg.raw.get("moe_top_k", 1),
+                             cfg.rms_norm_eps)
+    prefix = "model.pre_gating_router."
+    tensors = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k.removeprefix(prefix): f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)})
+    router.load_state_dict(tensors)
+    return router.eval()
+
+
+def token_expert_table(model_dir: Path) -> list[tuple[int, ...]]:
+    """Every token id's experts as the saved router picks them (ascending): what a scheduler needs to know a
+    token's experts from the token alone."""
+    router = load_pre_gating_router(model_dir)
+    with torch.no_grad():
+        ids = router(torch.arange(router.embed.num_embeddings)).topk_ids
+    return [tuple(sorted(row)) for row in ids.tolist()]

@@ -68,6 +68,18 @@ def make_tiny_model(directory: Path, arch: str, seed: int = 0, mlp_std: float | 
     return model
 
 
+def make_tiny_readme(directory: Path, top_k: int, experts: int = 4, channels: int = 128):
+    """A tiny random Llama (transformers, MLP width `channels`) refactored into a Read-ME MoE of `experts` experts
+    (models/readme_refactor.py) on 200 random calibration tokens; returns (the dense transformers model, the Read-ME
+    directory, the calibration tokens)."""
+    from afdserve.models.readme_refactor import RefactorSpec, refactor_to_readme
+    hf = make_tiny_model(directory / "dense", "llama", mlp_std=0.2, intermediate_size=channels)
+    calibration = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    spec = RefactorSpec(num_experts=experts, shared_fraction=0.25, top_k=top_k, calibration_tokens=200,
+                        router_hidden_size=16, router_intermediate_size=32)
+    return hf, refactor_to_readme(directory / "dense", directory / "readme", calibration, spec), calibration
+
+
 def randomize_weights(model, mlp_std: float | None = None) -> None:
     with torch.no_grad():  # random biases and norms too, so that every parameter matters
         for name, p in model.named_parameters():

@@ -23,11 +23,14 @@ Qwen2-MoE's `shared_expert` is scaled per token by a sigmoid gate.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from afdserve.kernels.moe import select_moe_impl
+from afdserve.models.layers.expert_cache import ExpertCache, make_policy
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mlp import GatedMLP, shard_range
 from afdserve.models.layers.moe_router import Routing
@@ -47,11 +50,16 @@ class Experts(nn.Module):
         # Set by the FFN worker on a sharded block: whole weights of this worker's experts for an expert-parallel
         # pass, from its slice and its peers' (cluster/expert_group.py).
         self.gather: Callable[["Experts"], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache: ExpertCache | None = None  # after offload_: the resident experts, the rest memory-mapped
         # Tokens (token copies, T*k in all) each expert received in the last forward: balancing / AFD planner input.
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 expert_sliced: bool = False) -> torch.Tensor:
+        if self.cache is not None:
+            out, self.last_tokens_per_expert = self.cache.run(x, topk_ids, topk_weights,
+                                                              select_moe_impl(x.device.type))
+            return out
         if expert_sliced and self.shard is None:
             raise ValueError("an expert-sliced pass needs a sharded MoE block (shard_)")
         if self.shard is None or expert_sliced:  # whole experts, or this worker's slice of every one
@@ -77,6 +85,15 @@ class Experts(nn.Module):
     def slice_of(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This shard's slice of experts [lo, hi): w13 [n, 2I_f, H], w2 [n, H, I_f]."""
         return self.w13[lo:hi], self.w2[lo:hi]
+
+    def offload_(self, capacity: int, policy: str, directory: Path, prefetcher: ThreadPoolExecutor | None) -> None:
+        """Keeps `capacity` experts in memory and the rest in memory-mapped files in `directory`
+        (models/layers/expert_cache.py); the weights leave the module's parameters."""
+        if self.shard is not None:
+            raise ValueError("an expert cache holds whole experts: it does not combine with FFN sharding")
+        self.cache = ExpertCache(self.w13.detach(), self.w2.detach(), capacity, make_policy(policy), directory,
+                                 prefetcher)
+        self.w13 = self.w2 = None
 
     def shard_(self, rank: int, world: int) -> None:
         """Keeps slice `rank` of `world` of every expert's intermediate dimension, in place."""

@@ -20,7 +20,8 @@ def test_bench_readme_scores_the_dense_model_as_transformers_and_every_expert_as
         shutil.copy(smollm2_dir / name, tmp_path / name)
     spec = ReadMEBenchSpec(RefactorSpec(num_experts=4, calibration_tokens=128, router_steps=20,
                                         router_hidden_size=16, router_intermediate_size=16), top_ks=(1,),
-                           eval_tokens=64, cache_tokens=256, concurrencies=(1, 8))
+                           eval_tokens=64, cache_tokens=256, concurrencies=(1, 8), latency_capacities=(2,),
+                           latency_prompt_tokens=8, latency_output_tokens=4, latency_repeats=1)
     result = run_readme_bench(tmp_path, spec)
     print(format_readme_result(result))
     rows = {(r["model"], r["top_k"]): r for r in result["rows"]}
@@ -53,3 +54,18 @@ def test_bench_readme_scores_the_dense_model_as_transformers_and_every_expert_as
             assert full[k - 1] >= cache[(concurrency, k, "lru")]["hit_rate"]
         assert len({cache[(concurrency, 4, p)]["hit_rate"] for p in ("lru", "belady, next step",
                                                                      "belady, whole trace")}) == 1
+
+    # Step latency: every setting ran 3 decode-only steps (the prefill step samples the first of 4 tokens); with
+    # every expert resident there is no cache, with 2 of 4 both policies count hits and misses and load experts.
+    latency = {(r["concurrency"], r["capacity"], r["policy"], r["prefetch"], r["expert_batch_size"]): r
+               for r in result["latency_rows"]}
+    assert list(latency) == [(c, *setting) for c in (1, 8) for setting in (
+        (None, None, False, None), (2, "lru", False, None), (2, "belady", False, None), (2, "belady", True, None),
+        *([(2, "belady", False, 4)] if c == 8 else []))]
+    batched = latency[(8, 2, "belady", False, 4)]
+    assert batched["decode_tok_per_s"] > 0 and batched["decode_steps"] > 3  # 4 of 8 decodes a step: more steps
+    latency = {key[:3]: r for key, r in latency.items() if key[4] is None and not key[3]}
+    assert all(r["decode_steps"] == 3 and r["step_median_ms"] > 0 for r in latency.values())
+    assert all(latency[(c, None, None)]["hit_rate"] is None for c in (1, 8))
+    assert all(0 <= latency[(c, 2, p)]["hit_rate"] <= 1 and latency[(c, 2, p)]["load_s"] > 0
+               for c in (1, 8) for p in ("lru", "belady"))

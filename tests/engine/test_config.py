@@ -21,6 +21,8 @@ ENGINE_FLAGS = {
     "--max-num-seqs": 256, "--max-num-batched-tokens": 2048, "--tpot-slo-ms": None, "--cache-dir": None,
     "--attention-backend": "auto", "--device": "auto", "--quantization": None, "--attention-policy": "dense",
     "--attention-policy-config": None, "--cuda-graph-sizes": None, "--enforce-eager": False,
+    "--expert-cache-size": None, "--expert-cache-policy": "belady", "--expert-batch-size": None,
+    "--expert-batch-max-wait": 4,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
              "--moe-parallel": "adaptive", "--threads-per-worker": None}
@@ -32,13 +34,14 @@ ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--se
         "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models",
         "--attention-backend", "torch", "--device", "cpu", "--quantization", "int8", "--afd", "1A2F",
         "--micro-batches", "3", "--ray-address", "auto", "--afd-transport", "shm", "--moe-parallel", "ep",
-        "--threads-per-worker", "2", "--cuda-graph-sizes", "1,2", "--enforce-eager"]
+        "--threads-per-worker", "2", "--cuda-graph-sizes", "1,2", "--enforce-eager",
+        "--expert-batch-size", "4", "--expert-batch-max-wait", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
               cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="1A2F",
               micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2,
-              cuda_graph_sizes="1,2", enforce_eager=True)
+              cuda_graph_sizes="1,2", enforce_eager=True, expert_batch_size=4, expert_batch_max_wait=2)
 
 
 def one_line_help(prog: str) -> argparse.HelpFormatter:
@@ -72,9 +75,10 @@ def test_every_flag_is_there_with_its_default_in_its_group():
 
 def test_a_command_line_gives_the_config_its_keywords_give():
     # --kv-staircase is saq's, --kv-window int4's: one config cannot set both (the saq case is below); an attention
-    # policy does not run on int4's staircase (the policy case is below)
+    # policy does not run on int4's staircase, an expert cache not with 1A2F's sharded experts (cases below)
     off_default = {**ENGINE_FLAGS, **AFD_FLAGS}
-    for flag in ("--kv-staircase", "--attention-policy", "--attention-policy-config"):
+    for flag in ("--kv-staircase", "--attention-policy", "--attention-policy-config", "--expert-cache-size",
+                 "--expert-cache-policy"):
         del off_default[flag]
     assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in off_default.items())
     from_cli = engine_config_from_args(engine_parser().parse_args(ARGV))
@@ -89,6 +93,10 @@ def test_a_command_line_gives_the_config_its_keywords_give():
     delta = engine_config_from_args(engine_parser().parse_args(["--attention-policy", "delta",
                                                                 "--attention-policy-config", '{"budget_pages": 8}']))
     assert delta == engine_config(attention_policy="delta", attention_policy_config='{"budget_pages": 8}')
+    cached = engine_config_from_args(engine_parser().parse_args(["--expert-cache-size", "2",
+                                                                 "--expert-cache-policy", "lru"]))
+    assert cached == engine_config(expert_cache_size=2, expert_cache_policy="lru")
+    assert cached.model.expert_cache == (2, "lru")
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -10,19 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import generate_and_compare, make_tiny_model
+from conftest import generate_and_compare, make_tiny_model, make_tiny_readme
 from afdserve.models.readme_refactor import RefactorSpec, refactor_to_readme
 
 EXPERTS, CHANNELS = 4, 128
 
 
 def _refactor(tmp_path, top_k: int):
-    hf = make_tiny_model(tmp_path / "dense", "llama", mlp_std=0.2, intermediate_size=CHANNELS)
-    calibration = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(1)).tolist()
-    spec = RefactorSpec(num_experts=EXPERTS, shared_fraction=0.25, top_k=top_k, calibration_tokens=200,
-                        router_hidden_size=16, router_intermediate_size=32)
-    out = refactor_to_readme(tmp_path / "dense", tmp_path / "readme", calibration, spec)
-    return hf, out, calibration
+    return make_tiny_readme(tmp_path, top_k, EXPERTS, CHANNELS)
 
 
 def _hf_mlp_inputs(hf, token_ids):
