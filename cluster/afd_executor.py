@@ -44,6 +44,7 @@ from afdserve.engine.executor import WorkerFailedError
 from afdserve.engine.model_runner import ModelRunnerOutput
 from afdserve.engine.scheduler import SchedulerOutput
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.expert_cache import ExpertCacheTotals
 
 logger = logging.getLogger(__name__)
 HEALTH_CHECK_S = 1.0
@@ -246,6 +247,12 @@ class AFDExecutor:
             if ask and pending is None and time.monotonic() - self._stage_times_asked > STAGE_TIMES_REFRESH_S:
                 self._stage_times_pending = [w.stage_times.remote() for w in [*self.attention, *self.ffn]]
                 self._stage_times_asked = time.monotonic()
+
+    def expert_cache_totals(self) -> ExpertCacheTotals | None:
+        """From the latest stage-times snapshot of FFN worker 0 (an expert cache runs with one FFN worker only)."""
+        times = self.latest_stage_times()
+        cache = None if times is None else times.get("expert_cache")
+        return None if cache is None else ExpertCacheTotals(**cache)
 
     def latest_stage_times(self) -> dict | None:
         """The last fetched `stage_times()` summary (None before the first step): cheap, for /metrics. It also asks

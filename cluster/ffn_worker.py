@@ -14,6 +14,7 @@ cluster/expert_group.py gathers), and its outputs are partial sums the attention
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ class FFNWorker:
     def stage_times(self) -> dict:
         if self.expert_group is not None:
             self.timer.times.moe_gathered_bytes = self.expert_group.bytes_received
+        totals = self.model.expert_cache_totals()
+        self.timer.times.expert_cache = None if totals is None else asdict(totals)
         return self.timer.times.as_dict()
 
     def weight_bytes(self) -> int:

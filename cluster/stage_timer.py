@@ -20,6 +20,7 @@ class StageTimes:
     moe_ep_s: float = 0.0  # time in those passes, by mode (an expert-parallel pass includes its weight gather)
     moe_sliced_s: float = 0.0
     moe_gathered_bytes: int = 0  # expert weight bytes received from the peers for expert-parallel passes
+    expert_cache: dict | None = None  # FFN workers with --expert-cache-size: ExpertCacheTotals as a dict
     # FFN workers: per MoE layer (its index, as a string key), the token rows routed to each expert so far. Every
     # FFN worker receives the whole routing, so each holds the same counts.
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -99,6 +100,7 @@ def summarize(attention: dict, ffn: dict, workers: dict[str, list[dict]] | None 
         "moe_ep_s": ffn["moe_ep_s"],
         "moe_sliced_s": ffn["moe_sliced_s"],
         "moe_gathered_bytes": ffn["moe_gathered_bytes"],
+        "expert_cache": ffn.get("expert_cache"),
         "expert_tokens": ffn.get("expert_tokens", {}),
         "per_worker": [{"role": role, "rank": rank, "compute_ms_per_layer": per_layer_ms(t, "compute_s"),
                         "wait_ms_per_layer": per_layer_ms(t, "wait_s"), "bubble": bubble(t)}

@@ -88,6 +88,7 @@ class EngineCore:
         stats = self.scheduler.stats()
         if self.cost_meter is not None:
             stats.cost = replace(self.cost_total)
+        stats.expert_cache = self.executor.expert_cache_totals()
         return stats
 
     def step(self) -> list[EngineCoreOutput]:

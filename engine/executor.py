@@ -11,6 +11,7 @@ from afdserve.engine.config import EngineConfig
 from afdserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from afdserve.engine.scheduler import SchedulerOutput
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.expert_cache import ExpertCacheTotals
 
 
 class WorkerFailedError(RuntimeError):
@@ -26,6 +27,9 @@ class Executor(Protocol):
         """AFD's per-layer attention / FFN / transfer times and bubbles (cluster/stage_timer.summarize); None for
         executors without stages."""
 
+    def expert_cache_totals(self) -> ExpertCacheTotals | None:
+        """The expert caches of whichever process runs the experts (--expert-cache-size); None without them."""
+
     def shutdown(self) -> None: ...
 
 
@@ -39,6 +43,9 @@ class LocalExecutor:
 
     def latest_stage_times(self) -> dict | None:
         return None
+
+    def expert_cache_totals(self) -> ExpertCacheTotals | None:
+        return self.runner.model.expert_cache_totals()
 
     def shutdown(self) -> None:
         pass

@@ -18,6 +18,7 @@ from afdserve.engine.request import Request, RequestStatus
 from afdserve.engine.request_cost import RequestCost
 from afdserve.engine.sampling_params import SamplingParams
 from afdserve.engine.sla_control import NO_LIMITS, SLAStats, TPOTController
+from afdserve.models.layers.expert_cache import ExpertCacheTotals
 
 
 @dataclass
@@ -74,6 +75,7 @@ class SchedulerStats:
     prefix_hits: int
     sla: SLAStats | None = None  # with a TPOT SLO (--tpot-slo-ms)
     cost: RequestCost | None = None  # all chunks computed since start (the engine core fills it in)
+    expert_cache: ExpertCacheTotals | None = None  # --expert-cache-size (the engine core fills it in)
 
 
 MAX_WORKER_FAILURES = 1  # failed steps a request may be in and still be retried on new workers

@@ -26,7 +26,7 @@ from afdserve.kernels.attention import AttentionBackend, AttentionMetadata, Torc
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.kernels.cpu_linear import can_prepack, linear, prepack
 from afdserve.kernels.quant_linear import quantize_weight, quantized_linear
-from afdserve.models.layers.expert_cache import offload_directory
+from afdserve.models.layers.expert_cache import ExpertCacheTotals, offload_directory
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mfa import MFAttention
 from afdserve.models.layers.mlp import GatedMLP
@@ -218,6 +218,12 @@ class LlamaForCausalLM(nn.Module):
                 if layer.top_k:
                     layer.mlp.experts.cache.prefetch(needed)
         return hidden, LayerContext(self.rotary.tables(positions, hidden.dtype), routing)
+
+    def expert_cache_totals(self) -> ExpertCacheTotals | None:
+        """The expert caches' hits, misses and loading time, summed over layers; None without --expert-cache-size."""
+        if self.expert_offload is None:
+            return None
+        return ExpertCacheTotals.of(layer.mlp.experts.cache for layer in self.layers if layer.top_k)
 
     def offload_experts(self, capacity: int, policy: str, parent: Path | None = None) -> None:
         """--expert-cache-size: each MoE layer keeps `capacity` experts in memory, the rest memory-mapped from files

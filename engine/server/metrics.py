@@ -157,6 +157,14 @@ class _EngineStatsCollector:
                          "(Kinetics' B200 intensity).", stats.cost.eflops)
         if stats.sla is not None:
             yield from self._sla_families(stats.sla, family)
+        if stats.expert_cache is not None:
+            cache = stats.expert_cache
+            yield family(CounterMetricFamily, "expert_cache_hits", "MoE expert loads avoided: the expert was "
+                         "resident (--expert-cache-size; summed over layers).", cache.hits)
+            yield family(CounterMetricFamily, "expert_cache_misses", "MoE experts loaded from their memory-mapped "
+                         "files into a resident slot (summed over layers).", cache.misses)
+            yield family(CounterMetricFamily, "expert_cache_load_seconds", "Time spent copying experts into "
+                         "resident slots (summed over layers).", cache.load_seconds)
         afd = self.stage_times()
         if afd is not None:
             for key, doc in (("attention", "AFD: attention-side compute per layer and step"),

@@ -90,6 +90,23 @@ def step_accesses(steps: Iterable[Iterable[int]]) -> list[int]:
     return [expert for step in steps for expert in sorted(set(step))]
 
 
+@dataclass
+class ExpertCacheTotals:
+    """A process's expert caches summed over layers: what /metrics shows."""
+    hits: int = 0
+    misses: int = 0
+    load_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, caches: Iterable["ExpertCache"]) -> "ExpertCacheTotals":
+        totals = cls()
+        for cache in caches:
+            totals.hits += cache.stats.hits
+            totals.misses += cache.stats.misses
+            totals.load_seconds += cache.load_seconds
+        return totals
+
+
 def make_policy(name: str) -> LRU | Belady:
     if name not in EXPERT_CACHE_POLICIES:
         raise ValueError(f"expert cache policy must be one of {', '.join(EXPERT_CACHE_POLICIES)}, got {name!r}")

@@ -160,6 +160,9 @@ class SlowsWithBatch:
     def latest_stage_times(self):
         return None
 
+    def expert_cache_totals(self):
+        return None
+
     def shutdown(self):
         pass
 

@@ -40,6 +40,9 @@ class FailingExecutor:
     def latest_stage_times(self):
         return None
 
+    def expert_cache_totals(self):
+        return None
+
     def shutdown(self):
         pass
 

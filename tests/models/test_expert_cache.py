@@ -166,3 +166,23 @@ def test_expert_cache_settings_are_checked():
         ModelConfig(device="cpu", expert_cache_size=0)
     with pytest.raises(ValueError, match="FFN sharding slices"):
         engine_config(device="cpu", expert_cache_size=2, afd="1A2F")
+
+
+def test_the_caches_counts_reach_the_engine_stats_and_metrics(tmp_path):
+    """core.stats().expert_cache sums the layers' caches; /metrics shows the same counts."""
+    from afdserve import LLM, SamplingParams
+    from afdserve.engine.server.metrics import ServerMetrics
+    from conftest import make_tiny_readme
+    _, out, _ = make_tiny_readme(tmp_path, top_k=2)
+    with LLM(str(out), dtype="float32", block_size=8, expert_cache_size=2) as llm:
+        llm.generate([list(range(3, 30))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                     use_tqdm=False)
+        caches = [layer.mlp.experts.cache for layer in llm.engine.core.executor.runner.model.layers]
+        totals = llm.engine.core.stats().expert_cache
+        assert totals.hits == sum(c.stats.hits for c in caches) and totals.misses == sum(c.stats.misses for c in caches)
+        assert totals.misses > 0 and totals.load_seconds > 0
+        text = ServerMetrics("m", llm.engine.core.stats).render().decode()
+    assert f'afdserve:expert_cache_misses_total{{model_name="m"}} {float(totals.misses)}' in text
+    assert f'afdserve:expert_cache_hits_total{{model_name="m"}} {float(totals.hits)}' in text
+    with LLM(str(out), dtype="float32", block_size=8) as llm:
+        assert llm.engine.core.stats().expert_cache is None

@@ -138,6 +138,14 @@ def test_afd_1a2f_with_micro_batches_equals_local(tmp_path):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
     finally:
         llm.engine.shutdown()
+    # One FFN worker with 2 of 4 experts resident: the cache lives where the experts run.
+    llm = LLM(str(out), dtype="float32", afd="1A1F", micro_batches=2, afd_transport="shm", expert_cache_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
+        cache = llm.engine.core.executor.stage_times()["expert_cache"]
+        assert cache["misses"] > 2 and cache["hits"] > 0
+    finally:
+        llm.engine.shutdown()
 
 
 def test_active_params_with_every_expert_on_are_the_dense_models_plus_the_router(tmp_path):
