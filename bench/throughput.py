@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -49,7 +49,13 @@ def run_throughput(config: EngineConfig, spec: ThroughputSpec) -> dict:
     engine = LLMEngine(config)
     prompts = synthetic_prompts(spec, engine.model_config.vocab_size, engine.tokenizer.special_ids)
     params = SamplingParams(temperature=0, max_tokens=spec.output_len, ignore_eos=True)
-    engine.add_request("warmup", prompts[0][:16], SamplingParams(max_tokens=4, ignore_eos=True))
+    # Warm-up at the run's own concurrency and prompt length, on other prompts (no prefix-cache hits for the timed
+    # ones): the kernels a full batch needs are compiled and allocated before the clock starts. One short request
+    # left a GPU's Triton compiles in the first timed run (2x on an H200; bench/results/README.md).
+    warmup = replace(spec, num_requests=min(spec.concurrency, spec.num_requests), seed=spec.seed + 1)
+    for i, prompt in enumerate(synthetic_prompts(warmup, engine.model_config.vocab_size,
+                                                 engine.tokenizer.special_ids)):
+        engine.add_request(f"warmup-{i}", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
 
