@@ -172,20 +172,16 @@ class _EngineStatsCollector:
                              ("transfer", "AFD: time in send calls (both sides) per layer and step")):
                 yield family(GaugeMetricFamily, f"afd_{key}_seconds_per_layer", doc + ", mean since start.",
                              afd[f"{key}_ms_per_layer"] / 1000)
-            modes = CounterMetricFamily(PREFIX + "afd_moe_layer_passes",
-                                        "AFD: sharded MoE layer passes by how they ran (expert-parallel or "
-                                        "expert-sliced, chosen per pass from the routed load).",
-                                        labels=["model_name", "mode"])
-            modes.add_metric([self.model_name, "expert_parallel"], afd["moe_ep_passes"])
-            modes.add_metric([self.model_name, "expert_sliced"], afd["moe_sliced_passes"])
-            yield modes
-            mode_seconds = CounterMetricFamily(PREFIX + "afd_moe_layer_pass_seconds",
-                                               "AFD: FFN worker 0's time in sharded MoE layer passes by mode (an "
-                                               "expert-parallel pass includes gathering its experts).",
-                                               labels=["model_name", "mode"])
-            mode_seconds.add_metric([self.model_name, "expert_parallel"], afd["moe_ep_s"])
-            mode_seconds.add_metric([self.model_name, "expert_sliced"], afd["moe_sliced_s"])
-            yield mode_seconds
+            for name, doc, unit in (("afd_moe_layer_passes", "AFD: sharded MoE layer passes by how they ran "
+                                     "(expert-parallel or expert-sliced, chosen per pass from the routed load).",
+                                     "passes"),
+                                    ("afd_moe_layer_pass_seconds", "AFD: FFN worker 0's time in sharded MoE layer "
+                                     "passes by mode (an expert-parallel pass includes gathering its experts).",
+                                     "s")):
+                by_mode = CounterMetricFamily(PREFIX + name, doc, labels=["model_name", "mode"])
+                by_mode.add_metric([self.model_name, "expert_parallel"], afd[f"moe_ep_{unit}"])
+                by_mode.add_metric([self.model_name, "expert_sliced"], afd[f"moe_sliced_{unit}"])
+                yield by_mode
             yield family(CounterMetricFamily, "afd_moe_gathered_weight_bytes", "AFD: expert weight bytes FFN worker 0 "
                          "received from its peers for expert-parallel passes.", afd["moe_gathered_bytes"])
             for side in ("attention", "ffn"):
