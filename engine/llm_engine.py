@@ -41,6 +41,7 @@ class LLMEngine:
         if config.model.dtype == "auto" and run_dtype != checkpoint_dtype:
             logger.warning("this CPU has no native %s kernels (torch sees %s): dtype auto runs %s; --dtype %s forces "
                            "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
+        self._check_latent_cache()
         self.kv_spec = kv_cache_spec_for(config, self.model_config)
         # The engine's own attention policy, checked against the model before any worker starts.
         self._check_attention_policy(config.model.attention_policy_spec)
@@ -139,6 +140,9 @@ class LLMEngine:
         and the layers it names."""
         if policy["name"] == "dense":
             return
+        if self.model_config.kv_entry.planes == 1:
+            raise ValueError(f"attention_policy {policy['name']!r} selects K pages per KV head; "
+                             f"{self.model_config.architecture}'s MLA cache holds latents, read whole (dense)")
         if self.config.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"attention_policy {policy['name']!r} picks KV blocks by id, which this server's "
                              f"kv_cache_dtype {self.config.cache.kv_cache_dtype!r} moves between stores")
@@ -146,6 +150,19 @@ class LLMEngine:
         if any(layer >= self.model_config.num_layers for layer in layers):
             raise ValueError(f"attention_policy full_layers {list(layers)} name a layer this model (of "
                              f"{self.model_config.num_layers}) does not have")
+
+    def _check_latent_cache(self) -> None:
+        """MLA (DeepSeek-V2/V3) caches one latent a token, in the model dtype, read by its own torch attention
+        (kernels/attention/mla_paged.py): no quantized KV formats, no Triton kernel."""
+        if self.model_config.kv_entry.planes != 1:
+            return
+        arch, cache = self.model_config.architecture, self.config.cache
+        if cache.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {cache.kv_cache_dtype!r} quantizes K and V; {arch}'s MLA cache holds "
+                             f"latents, which run with kv_cache_dtype 'auto' only")
+        if self.config.model.attention_backend == "triton":
+            raise ValueError(f"attention_backend 'triton' has no MLA kernel; {arch} runs MLA with attention_backend "
+                             f"'auto' or 'torch'")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

@@ -61,8 +61,9 @@ class FlatBatch:
 def kv_cache_spec_for(config: EngineConfig, model_config: TransformerConfig) -> KVCacheSpec:
     """The KV format's bytes per block and fixed pools: sizes the block pool (LLMEngine) and the caches (runner)."""
     cache, sched = config.cache, config.scheduler
-    shape = KVShape(model_config.num_kv_heads, cache.block_size, model_config.head_dim,
-                    resolve_dtype(config.model.dtype, model_config, config.model.device))
+    planes, heads, head_dim = model_config.kv_entry
+    shape = KVShape(heads, cache.block_size, head_dim, resolve_dtype(config.model.dtype, model_config,
+                                                                      config.model.device), planes)
     return kv_cache_spec(cache.kv_cache_dtype, shape, model_config.num_layers, cache.kv_window, cache.stairs,
                          sched.max_num_seqs, sched.max_num_batched_tokens, cache.kv_cache_memory_gb * 2**30)
 
@@ -126,20 +127,21 @@ class ModelRunner:
     def _attention_policies(self, num_blocks: int) -> tuple[AttentionPolicies, dict]:
         """The policies requests may name, and the engine's (--attention-policy) for those that name none."""
         model, cfg = self.config.model, self.model_config
-        layout = KVLayout(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+        _, heads, head_dim = cfg.kv_entry
+        layout = KVLayout(cfg.num_layers, num_blocks, self.block_size, heads, head_dim, self.dtype,
                           self.device)
         return AttentionPolicies(layout, self.kv_caches), model.attention_policy_spec
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
-        """Per layer a plain [2, kvh, blocks + 1, bs, hd] tensor, or a QuantizedKVCache for --kv-cache-dtype; the
+        """Per layer a plain [2, kvh, blocks + 1, bs, hd] tensor (MLA: [1, 1, blocks + 1, bs, latent]), or a QuantizedKVCache for --kv-cache-dtype; the
         int4 / saq staircase's view (each block's stair and slot) is shared by all layers. A plain cache's block
         past the pool's (`pad_block`) is written only by the padding rows of a CUDA graph's batch."""
         spec = kv_cache_spec_for(self.config, self.model_config)
         layers = range(self.model_config.num_layers)
         self.pad_block = num_blocks
         if spec.fmt == "auto":
-            shape = kv_cache_shape(num_blocks + 1, self.block_size, self.model_config.num_kv_heads,
-                                   self.model_config.head_dim)
+            planes, heads, head_dim = self.model_config.kv_entry
+            shape = kv_cache_shape(num_blocks + 1, self.block_size, heads, head_dim, planes)
             return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers], None
         bits = [b for _, b in spec.stairs]
         caches = [QuantizedKVCache(spec.shape, spec.fmt, num_blocks, bits, list(spec.stair_slots), self.device)

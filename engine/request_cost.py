@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from afdserve.models.hf_config import TransformerConfig
-from afdserve.models.param_count import active_params
+from afdserve.models.param_count import active_params, attention_flops_per_key
 
 KINETICS_INTENSITY = 562.5  # eFLOPs per byte: 4.5 PFLOP/s over 8 TB/s (B200), Kinetics' constant I
 
@@ -64,8 +64,7 @@ class CostMeter:
     @classmethod
     def for_model(cls, cfg: TransformerConfig, kv_bytes_per_token: float) -> "CostMeter":
         params = active_params(cfg)
-        return cls(2 * params.per_token, 2 * params.lm_head, 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers,
-                   kv_bytes_per_token)
+        return cls(2 * params.per_token, 2 * params.lm_head, attention_flops_per_key(cfg), kv_bytes_per_token)
 
     def chunk_cost(self, start: int, num_tokens: int, logits_rows: int) -> RequestCost:
         """Positions start .. start+num_tokens-1, each attending every key up to itself (no sliding window: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -11,6 +12,13 @@ from afdserve.kernels.cpu_linear import onednn_runs_natively
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+class KVEntry(NamedTuple):
+    """What one token leaves in one layer's KV cache: `planes` (2: K and V; 1: MLA's latent) of `heads` x `head_dim`."""
+    planes: int
+    heads: int
+    head_dim: int
 
 
 @dataclass
@@ -36,9 +44,18 @@ class TransformerConfig:
     raw: dict = field(default_factory=dict)  # the whole config.json, for model-specific fields
 
     @property
+    def kv_entry(self) -> KVEntry:
+        """K and V of the KV heads; for MLA (DeepSeek-V2/V3, where `kv_lora_rank` is set) one latent of
+        kv_lora_rank + qk_rope_head_dim values (models/layers/mla.py)."""
+        if self.raw.get("kv_lora_rank"):
+            return KVEntry(1, 1, self.raw["kv_lora_rank"] + self.raw.get("qk_rope_head_dim", 0))
+        return KVEntry(2, self.num_kv_heads, self.head_dim)
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers, at 1 byte per element (multiply by the element size)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        """Bytes of KV cache per token over all layers, at 1 byte per element (multiply by the element size)."""
+        planes, heads, head_dim = self.kv_entry
+        return planes * self.num_layers * heads * head_dim
 
 
 def _as_list(x) -> list[int]:

@@ -1,6 +1,7 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3) and its MoE members (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeekMoE,
-our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py, and Step-3, models/step3.py, whose attention is
-MFA, models/layers/mfa.py): pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
+our PRMoE format for DeepSpeed-MoE style models, models/prmoe.py, Step-3, models/step3.py, whose attention is MFA,
+models/layers/mfa.py, and DeepSeek-V2/V3, models/deepseek_v2.py, whose attention is MLA, models/layers/mla.py):
+pre-norm decoder layers with GQA, RoPE, and a SwiGLU MLP or an MoE block as the FFN.
 
 Each decoder layer is two halves (docs/architecture.md, seam 1):
     attn_half(hidden, residual, context, meta, kv) -> (ffn_input, residual, routing)  # norm, attention, norm, router
@@ -29,6 +30,7 @@ from afdserve.kernels.quant_linear import quantize_weight, quantized_linear
 from afdserve.models.layers.expert_cache import ExpertCacheTotals, offload_directory
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.mfa import MFAttention
+from afdserve.models.layers.mla import MLAConfig, MLAttention
 from afdserve.models.layers.mlp import GatedMLP
 from afdserve.models.layers.moe import MoEBlock
 from afdserve.models.layers.moe_router import Router, Routing
@@ -58,6 +60,7 @@ class LlamaVariant:
     qkv_bias: bool = False  # Qwen2 always; Llama when config.attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     share_q_dim: int = 0  # Step-3: MFA attention with a low-rank query of this width (models/layers/mfa.py)
+    mla: MLAConfig | None = None  # DeepSeek-V2/V3: MLA attention over a latent KV cache (models/layers/mla.py)
 
 
 class LlamaAttention(nn.Module):
@@ -94,8 +97,12 @@ class LlamaDecoderLayer(nn.Module):
                  moe: MoEConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = (MFAttention(cfg, variant.share_q_dim, attention, layer_index) if variant.share_q_dim else
-                          LlamaAttention(cfg, variant, attention, layer_index))
+        if variant.mla is not None:  # MLA reads its own latent cache: kernels/attention/mla_paged.py
+            self.self_attn = MLAttention(cfg, variant.mla, layer_index)
+        elif variant.share_q_dim:
+            self.self_attn = MFAttention(cfg, variant.share_q_dim, attention, layer_index)
+        else:
+            self.self_attn = LlamaAttention(cfg, variant, attention, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.top_k = 0 if moe is None else moe.router.top_k  # experts per token (the FFN side needs only this)
         if moe is None:
@@ -147,6 +154,8 @@ class LlamaForCausalLM(nn.Module):
     fp32_params: tuple[str, ...] = ()
     # Module paths whose checkpoint tensors are skipped: the other side's weights on an AFD worker (prune_to_role).
     pruned_prefixes: tuple[str, ...] = ()
+    # Checkpoint tensors not served, whatever the role: DeepSeek-V3's multi-token-prediction layer.
+    ignored_prefixes: tuple[str, ...] = ()
 
     def __init__(self, cfg: TransformerConfig, variant: LlamaVariant, max_positions: int,
                  moe: MoEConfig | None = None, attention: AttentionBackend | None = None):
@@ -175,7 +184,13 @@ class LlamaForCausalLM(nn.Module):
             # fp32 whatever the model dtype, as it was trained: a bf16 router would flip its near-ties
             self.fp32_params = (*self.fp32_params, *(f"pre_gating_router.{name}" for name, _ in
                                                      self.pre_gating_router.named_parameters()))
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        if variant.mla is not None:
+            # MLA projects its own queries and keys: q_proj / k_proj / v_proj are no fused QKV, and RoPE turns only
+            # the qk_rope_head_dim part of a head.
+            self.stacked_params = [p for p in self.stacked_params if p[0] != "qkv_proj"]
+            self.ignored_prefixes = (f"layers.{cfg.num_layers}.",)
+        rotary_dim = cfg.head_dim if variant.mla is None else variant.mla.qk_rope_head_dim
+        self.rotary = RotaryEmbedding(rotary_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_tied_head: torch.Tensor | None = None

@@ -44,8 +44,8 @@ def load_weights(model: nn.Module, weights) -> None:
             continue  # tied to the embedding
         for theirs, ours in getattr(model, "param_renames", []):
             name = name.replace(theirs, ours)
-        if name.startswith(getattr(model, "pruned_prefixes", ())):
-            continue  # the other side's weights on an AFD worker
+        if name.startswith((*getattr(model, "pruned_prefixes", ()), *getattr(model, "ignored_prefixes", ()))):
+            continue  # the other side's weights on an AFD worker, or a part not served
         if not (_load_expert(model, params, name, tensor, hf_name, loaded)
                 or _load_stacked(model, params, name, tensor, hf_name, loaded)):
             if name not in params:

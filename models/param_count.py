@@ -1,7 +1,9 @@
 """Weights a token multiplies through, per family, from the config alone: what `usage.afdserve_cost` charges.
 
 A token's linear FLOPs are 2 x the matmul weights it passes (one multiply and one add per weight). Per decoder layer:
-    attention   Q, K, V and O projections (Step-3's MFA: the low-rank query q_proj and wq instead of Q)
+    attention   Q, K, V and O projections (Step-3's MFA: the low-rank query q_proj and wq instead of Q; MLA: the query
+                projections, kv_a_proj_with_mqa, kv_b_proj (= W_UK and W_UV, which the absorbed form applies per
+                token) and o_proj)
     FFN         dense: gate, up and down (3 H I);  MoE: the router (H E), top_k routed experts (3 H I_e each), the
                 shared expert or residual MLP (3 H I_s) and their gates (H, or 2 H for the residual mix);
                 Read-ME: no router per layer but one pre-gating router per token (its MLP and head)
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.layers.mla import MLAConfig
 from afdserve.models.readme import router_sizes
 from afdserve.models.registry import architecture_of
 
@@ -35,11 +38,14 @@ def active_params(cfg: TransformerConfig) -> ActiveParams:
     variant, moe = architecture_of(cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    if variant.share_q_dim:  # MFA: x -> q_proj [share_q_dim] -> wq [heads x head_dim]
-        q_weights = h * variant.share_q_dim + variant.share_q_dim * q
+    if variant.mla is not None:
+        attention = cfg.num_layers * _mla_weights(h, cfg.num_heads, variant.mla)
     else:
-        q_weights = h * q
-    attention = cfg.num_layers * (q_weights + 2 * h * kv + q * h)
+        if variant.share_q_dim:  # MFA: x -> q_proj [share_q_dim] -> wq [heads x head_dim]
+            q_weights = h * variant.share_q_dim + variant.share_q_dim * q
+        else:
+            q_weights = h * q
+        attention = cfg.num_layers * (q_weights + 2 * h * kv + q * h)
     ffn = 0
     for layer in range(cfg.num_layers):
         layer_moe = moe.for_layer(layer) if moe is not None else None
@@ -56,3 +62,21 @@ def active_params(cfg: TransformerConfig) -> ActiveParams:
         router_hidden, router_inter = router_sizes(cfg)
         ffn += 2 * router_hidden * router_inter + router_hidden * moe.num_experts
     return ActiveParams(attention, ffn, cfg.vocab_size * h)
+
+
+def _mla_weights(h: int, heads: int, mla: MLAConfig) -> int:
+    qk = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    q_weights = h * heads * qk if mla.q_lora_rank is None else mla.q_lora_rank * (h + heads * qk)
+    return (q_weights + h * mla.latent_dim + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+            + heads * mla.v_head_dim * h)
+
+
+def attention_flops_per_key(cfg: TransformerConfig) -> int:
+    """FLOPs of one query position against one key, over all layers: a score and a weighted value per query head
+    (2 d + 2 d); MLA's absorbed form scores the whole cached entry and weighs its latent."""
+    variant, _ = architecture_of(cfg)
+    if variant.mla is not None:
+        per_head = 2 * variant.mla.latent_dim + 2 * variant.mla.kv_lora_rank
+    else:
+        per_head = 4 * cfg.head_dim
+    return per_head * cfg.num_heads * cfg.num_layers

@@ -1,7 +1,7 @@
 """Architecture name (config.json's `architectures[0]`) -> how to build the model.
 
 Every supported architecture is the Llama-family decoder of models/llama.py; what differs is its variant (biases,
-QK-norm, Step-3's MFA query) and its MoE FFN, each read from the config by a function per family."""
+QK-norm, Step-3's MFA query, DeepSeek's MLA) and its MoE FFN, each read from the config by a function per family."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from torch import nn
 
 from afdserve.kernels.attention import AttentionBackend
 from afdserve.models.hf_config import TransformerConfig
+from afdserve.models.deepseek_v2 import deepseek_v2_variant, deepseek_v3_moe_config
 from afdserve.models.llama import LlamaForCausalLM, LlamaVariant
 from afdserve.models.moe_config import MoEConfig, deepseek_moe_config, mixtral_moe_config, qwen_moe_config
 from afdserve.models.prmoe import prmoe_moe_config
@@ -46,6 +47,9 @@ _ARCHITECTURES: dict[str, Architecture] = {
     READ_ME_ARCHITECTURE: Architecture(lambda cfg: LlamaVariant(), readme_moe_config),
     # Step-3: MFA attention (low-rank query, one KV head) + shared-expert MoE; see models/step3.py.
     "Step3TextForCausalLM": Architecture(step3_variant, step3_moe_config),
+    # DeepSeek-V2/V3: MLA attention (a latent KV cache) + DeepSeekMoE; see models/deepseek_v2.py.
+    "DeepseekV2ForCausalLM": Architecture(deepseek_v2_variant, deepseek_moe_config),
+    "DeepseekV3ForCausalLM": Architecture(deepseek_v2_variant, deepseek_v3_moe_config),
 }
 
 

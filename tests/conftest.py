@@ -58,6 +58,8 @@ def make_tiny_model(directory: Path, arch: str, seed: int = 0, mlp_std: float | 
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[arch]
     config = config_cls(**{**TINY_COMMON, **overrides})
     torch.manual_seed(seed)
@@ -78,6 +80,20 @@ def make_tiny_readme(directory: Path, top_k: int, experts: int = 4, channels: in
     spec = RefactorSpec(num_experts=experts, shared_fraction=0.25, top_k=top_k, calibration_tokens=200,
                         router_hidden_size=16, router_intermediate_size=32)
     return hf, refactor_to_readme(directory / "dense", directory / "readme", calibration, spec), calibration
+
+
+def graphed_llm(directory, sizes):
+    """An engine whose decode steps go through DecodeGraphs with plain calls standing in for the graphs; returns
+    it and the bucket of each replayed step."""
+    from afdserve import LLM
+    llm = LLM(str(directory), dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=96)
+    runner = llm.engine.core.executor.runner
+    runner.capture_decode_graphs(sizes, capture=False)
+    replayed = []
+    graphs = runner.decode_graphs.graphs
+    for size, call in list(graphs.items()):
+        graphs[size] = lambda size=size, call=call: (replayed.append(size), call())[1]
+    return llm, replayed
 
 
 def randomize_weights(model, mlp_std: float | None = None) -> None:

@@ -124,6 +124,7 @@ class KVShape:
     block_size: int
     head_dim: int
     dtype: torch.dtype  # the model's: what gather returns and full-precision stairs store
+    planes: int = 2  # K and V; 1 for MLA's latent cache, which only the plain ("auto") format holds
 
     @property
     def block_elems(self) -> int:  # of K or of V
@@ -140,7 +141,7 @@ class FullPrecisionStore:
 
     @staticmethod
     def bytes_per_block(shape: KVShape) -> int:
-        return 2 * shape.block_elems * torch.empty(0, dtype=shape.dtype).element_size()
+        return shape.planes * shape.block_elems * torch.empty(0, dtype=shape.dtype).element_size()
 
     def write_tokens(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv(self.data, k, v, slot_mapping)

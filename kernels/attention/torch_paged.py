@@ -14,8 +14,10 @@ from afdserve.kernels.attention.metadata import AttentionMetadata, PrefillSeq
 from afdserve.kernels.attention.sparse.selection import selected_mask_bias
 
 
-def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-    return (2, num_kv_heads, num_blocks, block_size, head_dim)
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                   planes: int = 2) -> tuple[int, ...]:
+    """planes: 2 for K and V; 1 for MLA's latent cache (kernels/attention/mla_paged.py)."""
+    return (planes, num_kv_heads, num_blocks, block_size, head_dim)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Rotary position embedding (neox layout: the head's two halves rotate together), with llama3 frequency scaling."""
+"""Rotary position embedding (neox layout: the head's two halves rotate together), with llama3 and YaRN frequency
+scaling."""
 from __future__ import annotations
 
 import math
@@ -25,23 +26,61 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (arXiv:2309.00071, eq. 21): 0.1 * mscale * ln(factor) + 1, for factor > 1."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, base: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv:2309.00071): frequencies that turn fewer than `beta_slow` times over the original context are
+    divided by `factor` (interpolated), those turning more than `beta_fast` times are kept (extrapolated), a linear
+    ramp over the dimensions in between. Returns the frequencies and the factor cos and sin are scaled by (DeepSeek:
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim))."""
+    dim = 2 * inv_freq.numel()
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    return inv_freq, float(attention_factor)
+
+
+def rope_type_of(scaling: dict | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        rope_type = rope_type_of(scaling)
+        attention_factor = 1.0
         if rope_type == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling)
-        elif rope_type not in ("default", None):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r}")
+        elif rope_type == "yarn":
+            inv_freq, attention_factor = yarn_inv_freq(inv_freq, base, scaling)
+        elif rope_type != "default":
+            raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3, yarn")
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
+        cos, sin = emb.cos() * attention_factor, emb.sin() * attention_factor
+        self.register_buffer("cos", cos, persistent=False)
 
         # rotate_half(x) * sin == swap_halves(x) * signed_sin, with the sign folded into the table once.
         half = head_dim // 2
-        self.register_buffer("signed_sin", torch.cat([-emb.sin()[:, :half], emb.sin()[:, half:]], -1),
-                             persistent=False)
+        self.register_buffer("signed_sin", torch.cat([-sin[:, :half], sin[:, half:]], -1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
         """cos and signed sin at `positions`, [T, 1, head_dim]: looked up once per step and shared by all layers."""

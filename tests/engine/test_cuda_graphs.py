@@ -10,7 +10,7 @@ import torch
 from afdserve import LLM, SamplingParams
 from afdserve.engine.config import DEFAULT_CUDA_GRAPH_SIZES, ModelConfig, parse_cuda_graph_sizes
 from afdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from conftest import hf_greedy, make_tiny_model
+from conftest import graphed_llm, hf_greedy, make_tiny_model
 
 PROMPTS = [[5, 9, 13, 200, 7], list(range(40, 77)), [3] * 17, list(range(100, 109)), [11, 12]]
 NEW_TOKENS = [12, 3, 9, 6, 1]  # requests finish at different steps: decode batches of 4, 3, 2 and 1 rows
@@ -49,22 +49,9 @@ def test_no_graphs_on_a_cpu_device(tiny_llama):
     assert runner.kv_caches[0].shape[2] == 32 + 1 and runner.pad_block == 32  # the pad block past the pool
 
 
-def _graphed_llm(directory, sizes):
-    """An engine whose decode steps go through DecodeGraphs with plain calls standing in for the graphs; returns
-    it and the bucket of each replayed step."""
-    llm = LLM(str(directory), dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=96)
-    runner = llm.engine.core.executor.runner
-    runner.capture_decode_graphs(sizes, capture=False)
-    replayed = []
-    graphs = runner.decode_graphs.graphs
-    for size, call in list(graphs.items()):
-        graphs[size] = lambda size=size, call=call: (replayed.append(size), call())[1]
-    return llm, replayed
-
-
 def test_graph_steps_give_transformers_tokens_and_logprobs(tiny_llama):
     directory, hf = tiny_llama
-    llm, replayed = _graphed_llm(directory, (1, 2, 4, 8))
+    llm, replayed = graphed_llm(directory, (1, 2, 4, 8))
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3) for n in NEW_TOKENS]
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, n, out in zip(PROMPTS, NEW_TOKENS, outs):
@@ -82,7 +69,7 @@ def test_graph_steps_give_transformers_tokens_and_logprobs(tiny_llama):
 
 def test_pad_rows_write_only_the_pad_block(tiny_llama):
     directory, _ = tiny_llama
-    llm, replayed = _graphed_llm(directory, (8,))
+    llm, replayed = graphed_llm(directory, (8,))
     runner = llm.engine.core.executor.runner
     llm.generate([[5, 9, 13]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert replayed == [8, 8, 8]  # one row and seven padding rows, three times
@@ -92,7 +79,7 @@ def test_pad_rows_write_only_the_pad_block(tiny_llama):
 
 def test_larger_batches_than_any_graph_run_eagerly(tiny_llama):
     directory, hf = tiny_llama
-    llm, replayed = _graphed_llm(directory, (1, 2))
+    llm, replayed = graphed_llm(directory, (1, 2))
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 3) for p in PROMPTS[:3]]

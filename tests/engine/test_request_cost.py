@@ -14,6 +14,13 @@ MOE_OVERRIDES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
+    # MLA: the query LoRA, kv_a / kv_b projections; one dense layer, then shared + routed experts
+    "deepseek_v3": dict(num_hidden_layers=3, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=32,
+                        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=24, v_head_dim=20),
+    "deepseek_v2": dict(num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                        qk_rope_head_dim=16, qk_nope_head_dim=24, v_head_dim=20),
 }
 
 
@@ -29,13 +36,14 @@ def hf_active_weights(model, top_k: int = 0, num_experts: int = 0) -> int:
     return round(total)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"])
 def test_active_params_match_transformers(tmp_path, arch):
     overrides = MOE_OVERRIDES.get(arch, {})
     hf = make_tiny_model(tmp_path, arch, **overrides)
     params = active_params(load_transformer_config(tmp_path))
     top_k = overrides.get("num_experts_per_tok", 0)
-    num_experts = overrides.get("num_local_experts") or overrides.get("num_experts") or 0
+    num_experts = (overrides.get("num_local_experts") or overrides.get("num_experts") or overrides.get("n_routed_experts")
+                   or 0)
     assert params.per_token == hf_active_weights(hf, top_k, num_experts)
     assert params.lm_head == hf.config.vocab_size * hf.config.hidden_size
 
