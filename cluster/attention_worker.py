@@ -19,6 +19,7 @@ import torch
 from afdserve.cluster.micro_batch import split_micro_batches
 from afdserve.cluster.stage_timer import StageTimer
 from afdserve.cluster.step_header import STEP, STOP, encode_header
+from afdserve.cluster.wire import ActivationWire
 from afdserve.cluster.worker_common import build_transport, free_port, node_ip
 from afdserve.engine.config import EngineConfig
 from afdserve.engine.model_runner import FlatBatch, ModelRunner, ModelRunnerOutput
@@ -34,6 +35,7 @@ class AFDModelRunner(ModelRunner):
                  max_model_len: int, rank: int):
         super().__init__(config, model_dir, model_config, num_kv_blocks, max_model_len, rank)
         self.micro_batches = config.parallel.micro_batches
+        self.wire = ActivationWire(config.parallel.afd_wire)
         self.transport = None
         self.ffn_ranks: list[int] = []
         self.timer = StageTimer()
@@ -57,7 +59,7 @@ class AFDModelRunner(ModelRunner):
         header = encode_header(STEP, [len(b.input_ids) for b in batches])
         for ffn in self.ffn_ranks:
             self.timer.send(self.transport.send, header, ffn)
-        port = RemoteFFN(self.transport, self.ffn_ranks, self.timer)
+        port = RemoteFFN(self.transport, self.ffn_ranks, self.timer, self.wire)
         hidden = run_layers(self.model, batches, self.kv_caches, port, compute=self.timer.compute)
         self.transport.flush()
         if batches:
@@ -69,13 +71,15 @@ class RemoteFFN:
     """The FFN port of an attention worker (models/layer_loop.py): each FFN input, with the routing of an MoE layer,
     goes to every FFN worker; a result is the one worker's output, or the fp32 sum of every worker's partial."""
 
-    def __init__(self, transport, ffn_ranks: list[int], timer: StageTimer):
-        self.transport, self.ffn_ranks, self.timer = transport, ffn_ranks, timer
+    def __init__(self, transport, ffn_ranks: list[int], timer: StageTimer, wire: ActivationWire):
+        self.transport, self.ffn_ranks, self.timer, self.wire = transport, ffn_ranks, timer, wire
 
     def submit(self, layer, ffn_input: torch.Tensor, routing) -> None:
         send = functools.partial(self.timer.send, self.transport.send)
+        messages = self.wire.encode(ffn_input)
         for ffn in self.ffn_ranks:
-            send(ffn_input, ffn)
+            for message in messages:
+                send(message, ffn)
             if routing is not None:
                 send(routing.topk_ids, ffn)
                 send(routing.topk_weights, ffn)

@@ -13,6 +13,8 @@ cluster/expert_group.py gathers), and its outputs are partial sums the attention
 """
 from __future__ import annotations
 
+import functools
+
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +25,7 @@ from afdserve.cluster.moe_parallel import MoEParallelPlanner
 from afdserve.cluster.stage_timer import StageTimer
 from afdserve.cluster.step_header import STOP, decode_header, empty_header
 from afdserve.cluster.expert_group import ExpertGroup
+from afdserve.cluster.wire import ActivationWire
 from afdserve.cluster.worker_common import build_transport, free_port, node_ip
 from afdserve.engine.config import EngineConfig
 from afdserve.models.hf_config import TransformerConfig, resolve_dtype
@@ -45,6 +48,7 @@ class FFNWorker:
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         self.ffn_index, self.num_ffn_workers = ffn_index, num_ffn_workers
         self.hidden_size = model_config.hidden_size
+        self.wire = ActivationWire(config.parallel.afd_wire)
         self.transport = None
         self.expert_group: ExpertGroup | None = None
         self._thread: threading.Thread | None = None
@@ -115,7 +119,7 @@ class FFNWorker:
             parts = [(peer, tokens[j]) for peer, tokens in tokens_per_micro_batch.items() if j < len(tokens)]
             inputs, ids, weights = [], [], []
             for peer, n in parts:
-                inputs.append(recv((n, self.hidden_size), dtype, peer))
+                inputs.append(self.wire.decode(functools.partial(recv, peer=peer), n, self.hidden_size, dtype))
                 if k:
                     ids.append(recv((n, k), torch.int64, peer))
                     weights.append(recv((n, k), torch.float32, peer))

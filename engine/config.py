@@ -24,7 +24,8 @@ def option(default: Any, help: str, **cli: Any) -> Any:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "fp8")
+CPU_QUANTIZATIONS = ("int8", "int4")  # torch's weight-only CPU kernels; fp8 runs anywhere (torch._scaled_mm)
 
 
 @dataclass
@@ -38,9 +39,11 @@ class ModelConfig:
     attention_backend: str = option("auto", "auto: Triton kernels on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
     # Resolved in __post_init__, so a config always names a concrete device.
     device: str = option("auto", "auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
-    quantization: str | None = option(None, "weight-only quantization of the linear layers and the LM head: int8 "
-                                            "(per-channel scales) or int4 (a scale and zero per 32 input channels, "
-                                            "for small batches); CPU; MoE experts keep the model dtype",
+    quantization: str | None = option(None, "quantization of the linear layers and the LM head: int8 (weight-only, "
+                                            "per-channel scales; CPU) or int4 (weight-only, a scale and zero per 32 "
+                                            "input channels, for small batches; CPU), or fp8 (e4m3 weights with "
+                                            "per-channel scales and activations with per-token scales, for Hopper); "
+                                            "MoE experts keep the model dtype",
                                       choices=QUANTIZATIONS)
     attention_policy: str = option("dense", "which KV pages a decode query reads: dense (every page), or a sparse "
                                             "policy (kernels/attention/sparse); hyperattention also approximates "
@@ -90,7 +93,7 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
                              f"got {self.quantization!r}")
-        if self.quantization is not None and self.device != "cpu":
+        if self.quantization in CPU_QUANTIZATIONS and self.device != "cpu":
             raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's weight-only CPU kernels); "
                              f"leave it unset on {self.device}")
 
@@ -240,6 +243,7 @@ class SchedulerConfig:
 
 MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")  # cluster/moe_parallel.py
 AFD_TRANSPORTS = ("gloo", "shm")  # cluster/transport.py
+AFD_WIRES = ("auto", "fp8")  # cluster/wire.py
 
 
 @dataclass
@@ -252,6 +256,9 @@ class ParallelConfig:
     ray_address: str | None = option(None, "default: start a local Ray; 'auto' joins a running one")
     afd_transport: str = option("gloo", "the A<->F data plane: gloo (torch.distributed, any hosts) or shm (shared "
                                         "memory, one host)", choices=AFD_TRANSPORTS)
+    afd_wire: str = option("auto", "A->F activations on the wire: auto (the model dtype) or fp8 (e4m3 with a scale "
+                                   "per token: half of bf16's bytes, as Step-3 deploys; an approximation, its "
+                                   "perplexity cost in the README)", choices=AFD_WIRES)
     threads_per_worker: int | None = option(None, "torch threads per worker; default: the host's cores split evenly")
     moe_parallel: str = option("adaptive", "with several FFN workers, how MoE experts run: expert-parallel, "
                                            "expert-sliced, or chosen per layer pass from the routed load",
@@ -265,6 +272,8 @@ class ParallelConfig:
                              f"got {self.moe_parallel!r}")
         if self.afd_transport not in AFD_TRANSPORTS:
             raise ValueError(f"afd_transport must be gloo or shm, got {self.afd_transport!r}")
+        if self.afd_wire not in AFD_WIRES:
+            raise ValueError(f"afd_wire must be one of {', '.join(AFD_WIRES)}, got {self.afd_wire!r}")
         # A setting that would change nothing is refused, not ignored (a value equal to the default can't be told).
         if self.afd is None:
             unused = [f.name for f in fields(self) if f.name != "afd" and getattr(self, f.name) != f.default]

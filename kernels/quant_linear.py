@@ -1,4 +1,6 @@
-"""Weight-only int8 linears for CPU decoding, where a small batch's step is bound by reading the weights.
+"""Quantized linears: weight-only int8 and int4 for CPU decoding, and FP8 (W8A8) for Hopper.
+
+Weight-only int8 linears for CPU decoding, where a small batch's step is bound by reading the weights.
 
 Each output channel n of a weight W[N, K] is stored as int8 codes q[n, :] = round(W[n, :] / s[n]) with one scale
 s[n] = max|W[n, :]| / 127 (symmetric, per channel: the LLM.int8() / SmoothQuant weight format without outlier
@@ -16,6 +18,10 @@ and a zero z = min + 8 s, both bf16, and w ~ (q - 8) s + z, which is how `_weigh
 (0.625 bytes a weight with the scales). Measured on a 2-core AMD EPYC with AVX-512 BF16, 64 linears of [1536, 576]:
 batch 1 takes 1.9 ms in int4 against 3.9 ms in int8 and 4.9 ms prepacked bf16; at 32 rows int4 takes 22 ms against
 12 ms bf16 (int8 32 ms), so it is a small-batch format.
+
+fp8 (`--quantization fp8`): weights in float8_e4m3fn with one fp32 scale per output channel, activations quantized
+per token at run time, the product on the FP8 tensor cores through `torch._scaled_mm` (vLLM's dynamic fp8; Step-3
+and DeepSeek-V3 serve in FP8). Not a CPU speed path: it runs on a CPU (oneDNN) so that its accuracy is tested there.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 
 INT8_MAX = 127
 INT4_GROUP = 32
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 _TINY_SCALE = 2.0 ** -24  # a group of equal weights: any scale, codes 0 and the zero carries the value
 
 
@@ -90,16 +97,60 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
         rows, packed, INT4_GROUP, scales_and_zeros.to(compute)))
 
 
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes float8_e4m3fn [N, K], scales fp32 [N]): w ~ codes * s with s = max|W[n, :]| / 448 (e4m3's largest
+    finite value). A channel of zeros gets scale 1."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scales
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation scales, one per row of x [T, K]: (codes float8_e4m3fn [T, K], scales fp32 [T, 1]). Also
+    the FP8 A->F wire format (cluster/attention_worker.py)."""
+    rows = x.float()
+    scales = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_TINY_SCALE)
+    return (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times the fp8 weight, both sides in e4m3 (W8A8 as Step-3 and DeepSeek-V3 deploy it): each row of x
+    quantized with its own scale, one `torch._scaled_mm` with the row and channel scales applied to its fp32 sum
+    (Hopper's FP8 tensor cores; on a CPU, oneDNN). [..., N] in x's dtype, the bias added in it."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_codes, x_scales = quantize_fp8_per_token(rows)
+    out = torch._scaled_mm(x_codes, codes.t(), scale_a=x_scales, scale_b=scales[None, :],
+                           out_dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], codes.shape[0])
+
+
+def fp8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product from the same codes, dequantized first and multiplied in fp64."""
+    x_codes, x_scales = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
+    out = (x_codes.double() * x_scales.double()) @ (codes.double() * scales.double()[:, None]).t()
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], codes.shape[0])
+
+
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of `weight` for --quantization int8 or int4."""
+    """(codes, scales) of `weight` for --quantization int8, int4 or fp8."""
     if quantization == "int8":
         return quantize_int8_per_channel(weight)
     if quantization == "int4":
         return quantize_int4_grouped(weight)
+    if quantization == "fp8":
+        return quantize_fp8_per_channel(weight)
     raise ValueError(f"unknown weight quantization {quantization!r}")
 
 
 def quantized_linear(x: torch.Tensor, quantization: str, codes: torch.Tensor, scales: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    linear = int8_linear if quantization == "int8" else int4_linear
+    linear = {"int8": int8_linear, "int4": int4_linear, "fp8": fp8_linear}[quantization]
     return linear(x, codes, scales, bias)

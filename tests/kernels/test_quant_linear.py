@@ -1,11 +1,13 @@
-"""Weight-only int8 and int4 linears: the quantizers against their formulas, and torch's fused CPU kernels against the
-dequantize-then-F.linear reference and against the unquantized product."""
+"""Weight-only int8 and int4 linears and the fp8 (W8A8) linear: the quantizers against their formulas, and the kernels
+(torch's fused CPU kernels, torch._scaled_mm) against the dequantize-then-multiply references and against the
+unquantized product."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from afdserve.kernels.quant_linear import (int4_linear, int8_linear, int8_linear_reference, quantize_int4_grouped,
-                                             quantize_int8_per_channel)
+from afdserve.kernels.quant_linear import (fp8_linear, fp8_linear_reference, int4_linear, int8_linear,
+                                             int8_linear_reference, quantize_fp8_per_channel, quantize_fp8_per_token,
+                                             quantize_int4_grouped, quantize_int8_per_channel)
 
 
 def test_per_channel_codes_and_scales_follow_the_formula():
@@ -78,3 +80,46 @@ def test_int4_kernel_equals_the_q4_1_formula(rows, dtype):
 def test_int4_needs_whole_groups():
     with pytest.raises(ValueError, match="groups of 32 input channels; this linear has 48"):
         quantize_int4_grouped(torch.randn(16, 48))
+
+
+# e4m3: 3 mantissa bits, so rounding to nearest is within 2^-4 of a normal value; below 2^-6 (the smallest normal),
+# steps are 2^-9 wide.
+E4M3_REL, E4M3_SUBNORMAL_STEP = 2 ** -4, 2 ** -9
+
+
+def test_fp8_codes_and_scales_follow_the_formula():
+    w = torch.randn(48, 96) * torch.logspace(-3, 1, 48)[:, None]
+    w[5] = 0
+    codes, scales = quantize_fp8_per_channel(w)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == w.shape and scales.dtype == torch.float32
+    amax = w.abs().amax(1)
+    assert torch.equal(scales[amax > 0], (amax / 448)[amax > 0]) and scales[5] == 1 and not codes[5].float().any()
+    assert codes.float().abs().amax(1)[amax > 0].eq(448).all()  # each channel's largest weight at e4m3's max
+    scaled = w / scales[:, None]
+    err = (codes.float() - scaled).abs()
+    assert (err <= torch.maximum(E4M3_REL * scaled.abs(), torch.full_like(err, E4M3_SUBNORMAL_STEP / 2))).all()
+    x_codes, x_scales = quantize_fp8_per_token(w)  # the activation side: the same rule per row
+    assert torch.equal(x_scales[amax > 0, 0], scales[amax > 0]) and x_codes.shape == w.shape
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_scaled_mm_equals_the_dequantized_reference(rows, dtype):
+    torch.manual_seed(0)
+    w, bias = torch.randn(160, 64), torch.randn(160)
+    x = torch.randn(rows, 64).to(dtype)
+    codes, scales = quantize_fp8_per_channel(w)
+    got = fp8_linear(x, codes, scales, bias.to(dtype))
+    ref = fp8_linear_reference(x, codes, scales, bias.to(dtype))
+    assert got.dtype == dtype and got.shape == (rows, 160)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 output rounding
+    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    # and near the unquantized product: both sides rounded to e4m3, errors of ~2^-5 relative per term
+    exact = x.float() @ w.t() + bias
+    assert (got.float() - exact).abs().mean() < 0.05 * exact.abs().mean()
+
+
+def test_fp8_leading_dimensions_are_kept():
+    codes, scales = quantize_fp8_per_channel(torch.randn(24, 32))
+    x = torch.randn(2, 3, 32)
+    assert torch.equal(fp8_linear(x, codes, scales, None), fp8_linear(x.reshape(6, 32), codes, scales, None).view(2, 3, 24))
