@@ -1,10 +1,10 @@
 """The A<->F data plane: point-to-point tensor messages between an attention worker and an FFN worker.
 
-Ray starts and supervises the workers; per-layer tensors never go through Ray. Two transports sit behind one small
-interface, chosen by measurement (`afdserve bench transport`):
+Ray starts and supervises the workers; per-layer tensors never go through Ray. The transports sit behind one small
+interface, chosen by measurement (`afdserve bench transport`; on a GPU, bench/gpu/transport_check.py):
 
-  GlooTransport  torch.distributed (gloo) isend/irecv over TCP: works across hosts.
-  ShmTransport   a shared-memory ring per direction with sequence counters: one host only, no syscalls per message.
+  ProcessGroupTransport  torch.distributed isend/recv: gloo over TCP (any hosts), or NCCL between GPUs.
+  ShmTransport           a shared-memory ring per direction with sequence counters: one host, no syscalls a message.
 
 Both deliver messages between a pair of workers in order. `send` may return before the peer has read the message;
 `recv` fills the given tensor and returns once the message is there.
@@ -43,21 +43,45 @@ def byte_view(out: torch.Tensor) -> torch.Tensor:
     return out.view(torch.uint8).view(-1)
 
 
-# ---- gloo ---------------------------------------------------------------------------------------------------------
-class GlooTransport:
-    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 600):
+# ---- torch.distributed: gloo (host memory, TCP) and NCCL (GPU memory, NVLink / PCIe / IB) ----------------------------
+class ProcessGroupTransport:
+    """Point-to-point isend / recv in one torch.distributed process group of the deployment's workers.
+
+    gloo moves host tensors; NCCL moves tensors on this worker's GPU (the vLLM AFD plugin's and StepMesh's choice).
+    A message anywhere else is staged on the backend's side (a GPU tensor through the host for gloo, a host tensor
+    onto the GPU for NCCL), and so is a receive buffer, so callers pass the same tensors to either backend.
+    Messages go as bytes, which also covers bf16 and fp8."""
+
+    def __init__(self, rank: int, world_size: int, init_method: str, backend: str = "gloo",
+                 device: torch.device | str | None = None, timeout_s: float = 600):
         import datetime
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        self.rank = rank
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"a process-group transport runs gloo or nccl, got {backend!r}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if backend == "nccl":
+            if device.type != "cuda":
+                raise ValueError(f"the nccl transport moves GPU tensors; this worker's device is {device}")
+            torch.cuda.set_device(device)
+        self.wire_device = device if backend == "nccl" else torch.device("cpu")  # where the backend reads bytes
+        extra = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **extra)
+        self.rank, self.backend = rank, backend
         self._pending: list = []
 
+    def _staged(self, payload: torch.Tensor) -> torch.Tensor:
+        return payload if payload.device == self.wire_device else payload.to(self.wire_device)
+
     def send(self, tensor: torch.Tensor, peer: int) -> None:
-        payload = as_bytes(tensor)  # gloo moves bytes; this also covers bf16 / fp8
-        self._pending.append((dist.isend(payload, peer), payload))
+        payload = self._staged(as_bytes(tensor))
+        self._pending.append((dist.isend(payload, peer), payload))  # kept alive until flush
 
     def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
-        dist.recv(byte_view(out), peer)
+        view = byte_view(out)
+        buffer = self._staged(view)
+        dist.recv(buffer, peer)
+        if buffer is not view:
+            view.copy_(buffer)
         return out
 
     def flush(self) -> None:

@@ -1,12 +1,13 @@
 """What both kinds of AFD worker do the same way: open the transport, say where they run."""
 from __future__ import annotations
 
-from afdserve.cluster.transport import GlooTransport, ShmTransport, Transport
+from afdserve.cluster.transport import ProcessGroupTransport, ShmTransport, Transport
 
 
 def build_transport(kind: str, rank: int, **kwargs) -> Transport:
-    if kind == "gloo":
-        return GlooTransport(rank, kwargs["world_size"], kwargs["init_method"])
+    """kind: gloo or nccl (kwargs world_size, init_method; nccl also device), or shm (kwargs channels)."""
+    if kind in ("gloo", "nccl"):
+        return ProcessGroupTransport(rank, kwargs["world_size"], kwargs["init_method"], kind, kwargs.get("device"))
     if kind == "shm":
         return ShmTransport(rank, kwargs["channels"])
     raise ValueError(f"unknown transport {kind!r}")

