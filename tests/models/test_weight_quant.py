@@ -1,8 +1,10 @@
-"""--quantization int8 and int4 on tiny random Llamas against transformers whose linears are replaced by the formula,
-written here without the engine's code: int8 per output channel s = max|w| / 127 and codes round(w / s); int4
-llama.cpp's Q4_1 per group of 32 input channels (int4_formula); the product reads its input rounded to bf16 and
-rounds its output to bf16 (the kernels' activation dtype, kernels/quant_linear.py), the bias added after. Greedy tokens equal and logprobs within 5e-3 (fp32 model; the slack is bf16 rounding ties: ~2e-3
-seen). The tied variant checks that the LM head is quantized while the embedding lookup keeps the table as it is."""
+"""--quantization int8, int4 and fp8 on tiny random Llamas against transformers whose linears are replaced by the
+formula, written here without the engine's code: int8 per output channel s = max|w| / 127 and codes round(w / s); int4
+llama.cpp's Q4_1 per group of 32 input channels (int4_formula); for these two the product reads its input rounded to
+bf16 and rounds its output to bf16 (the kernels' activation dtype, kernels/quant_linear.py), the bias added after,
+and logprobs agree within 5e-3 (fp32 model; the slack is bf16 rounding ties: ~2e-3 seen). fp8: weights per channel
+and inputs per token cast to e4m3 by torch, multiplied in fp32 (within 1e-3). Greedy tokens equal. The tied variant
+checks that the LM head is quantized while the embedding lookup keeps the table as it is."""
 import pytest
 import torch
 from torch import nn
@@ -81,24 +83,19 @@ def test_int8_model_matches_transformers_with_rounded_weights(case, tmp_path):
     assert weight_bytes(model) < full_bytes  # int8 codes and fp32 scales instead of fp32 weights
 
 
+@pytest.mark.parametrize("quantization, formula, code_dtype, atol", [
+    ("int4", int4_formula, torch.uint8, 5e-3),  # bf16 activations: rounding ties
+    ("fp8", fp8_formula, torch.float8_e4m3fn, 1e-3),  # fp32 around the e4m3 codes
+])
 @pytest.mark.parametrize("case", [dict(), dict(tie_word_embeddings=True, attention_bias=True)])
-def test_int4_model_matches_transformers_with_q4_1_weights(case, tmp_path):
+def test_grouped_and_fp8_models_match_transformers_with_the_formula(quantization, formula, code_dtype, atol, case,
+                                                                   tmp_path):
     hf = make_tiny_model(tmp_path, "llama", **case)
-    quantize_like_the_formula(hf, int4_formula)
-    with LLM(str(tmp_path), dtype="float32", block_size=16, quantization="int4") as llm:
-        generate_and_compare(llm, hf, PROMPTS, new_tokens=16, top=5, atol=5e-3)
+    quantize_like_the_formula(hf, formula)
+    with LLM(str(tmp_path), dtype="float32", block_size=16, quantization=quantization) as llm:
+        generate_and_compare(llm, hf, PROMPTS, new_tokens=16, top=5, atol=atol)
         model = llm.engine.core.executor.runner.model
-        assert model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
-
-
-@pytest.mark.parametrize("case", [dict(), dict(tie_word_embeddings=True, attention_bias=True)])
-def test_fp8_model_matches_transformers_with_e4m3_weights_and_activations(case, tmp_path):
-    hf = make_tiny_model(tmp_path, "llama", **case)
-    quantize_like_the_formula(hf, fp8_formula)
-    with LLM(str(tmp_path), dtype="float32", block_size=16, quantization="fp8") as llm:
-        generate_and_compare(llm, hf, PROMPTS, new_tokens=16, top=5, atol=1e-3)
-        model = llm.engine.core.executor.runner.model
-        assert model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+        assert model.layers[0].mlp.down_proj.weight.dtype == code_dtype
 
 
 def test_fp8_mlp_shards_sum_to_each_shards_formula():
