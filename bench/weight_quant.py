@@ -1,7 +1,8 @@
 """Weight-only quantization quality: perplexity per --quantization on English text from the stdlib, and weight bytes.
 
 The text and the perplexity are bench/kv_quant.py's (pydoc_data.topics, prefilled in chunks with prompt logprobs);
-only the weights change between rows, the KV cache stays in the model dtype. Speed is a separate run of
+only the weights change between rows, the KV cache stays in the model dtype. Under `--afd` (e.g. with
+`--afd-wire fp8`) the rows run on the AFD workers. Speed is a separate run of
 `afdserve bench throughput --quantization int8|int4 --concurrency 1` (batch-1 TPOT), since the two want different loads.
 """
 from __future__ import annotations
@@ -34,12 +35,18 @@ def run_weight_quant_bench(config: EngineConfig, spec: WeightQuantBenchSpec) -> 
         with LLM(config=cfg) as llm:
             if token_ids is None:
                 token_ids = llm.tokenizer.encode(english_text())[:spec.num_tokens]
-            model = llm.engine.core.executor.runner.model
             rows.append(dict(quantization=quantization or "none", perplexity=perplexity(llm, token_ids),
-                             tokens=len(token_ids), weight_mib=weight_bytes(model) / 2**20))
+                             tokens=len(token_ids), weight_mib=_weight_bytes(llm.engine.core.executor) / 2**20))
     for row in rows:
         row["delta_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
     return rows
+
+
+def _weight_bytes(executor) -> int:
+    """The model's parameter bytes: the local runner's, or summed over the AFD workers (each holds its side)."""
+    if hasattr(executor, "worker_weight_bytes"):
+        return sum(sum(per_role) for per_role in executor.worker_weight_bytes().values())
+    return weight_bytes(executor.runner.model)
 
 
 def format_weight_quant_result(rows: list[dict], config: EngineConfig, spec: WeightQuantBenchSpec) -> str:
