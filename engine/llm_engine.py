@@ -41,6 +41,10 @@ class LLMEngine:
         if config.model.dtype == "auto" and run_dtype != checkpoint_dtype:
             logger.warning("this CPU has no native %s kernels (torch sees %s): dtype auto runs %s; --dtype %s forces "
                            "it", checkpoint_dtype, torch.backends.cpu.get_cpu_capability(), run_dtype, checkpoint_dtype)
+        if config.model.quantization == "fp8" and torch.device(config.model.device).type == "cpu":
+            logger.warning("quantization fp8 is a Hopper format: a CPU runs its e4m3 products in oneDNN's emulation "
+                           "(SmolLM2 bf16, batch 1: 452 ms a token against 24 ms unquantized on an AVX-512 EPYC); "
+                           "int8 or int4 are the CPU's formats")
         self._check_latent_cache()
         self.kv_spec = kv_cache_spec_for(config, self.model_config)
         # The engine's own attention policy, checked against the model before any worker starts.
