@@ -1,7 +1,8 @@
 """The A<->F data plane: point-to-point tensor messages between an attention worker and an FFN worker.
 
 Ray starts and supervises the workers; per-layer tensors never go through Ray. The transports sit behind one small
-interface, chosen by measurement (`afdserve bench transport`; on a GPU, bench/gpu/transport_check.py):
+interface, chosen by measurement (`afdserve bench transport`, bench/transport.py; on a GPU through
+bench/gpu/transport_check.py):
 
   ProcessGroupTransport  torch.distributed isend/recv: gloo over TCP (any hosts), or NCCL between GPUs.
   ShmTransport           a shared-memory ring per direction with sequence counters: one host, no syscalls a message.
@@ -101,6 +102,9 @@ class ShmChannelSpec:
     name: str
     slots: int
     slot_bytes: int
+    # False where the openers are the creator's own children (torch.multiprocessing), which share its resource
+    # tracker: there an opener's unregister would take the creator's registration away.
+    opener_untracks: bool = True
 
 
 _HEADER = 16  # per slot: int64 sequence number written by the sender, int64 ack written by the receiver
@@ -112,7 +116,7 @@ class _ShmChannel:
     def __init__(self, spec: ShmChannelSpec, create: bool):
         size = spec.slots * (_HEADER + spec.slot_bytes)
         self.shm = shared_memory.SharedMemory(name=spec.name, create=create, size=size if create else 0)
-        if not create:
+        if not create and spec.opener_untracks:
             # Python < 3.13 registers attached segments too, and a worker's tracker would unlink them when the
             # worker dies: the creator (the executor) owns the segment's lifetime.
             resource_tracker.unregister(self.shm._name, "shared_memory")
@@ -191,12 +195,13 @@ class ShmTransport:
             ch.close(unlink=False)
 
 
-def create_shm_channels(pairs: list[tuple[int, int]], slots: int, slot_bytes: int,
-                        prefix: str) -> tuple[dict[tuple[int, int], ShmChannelSpec], list[_ShmChannel]]:
+def create_shm_channels(pairs: list[tuple[int, int]], slots: int, slot_bytes: int, prefix: str,
+                        opener_untracks: bool = True
+                        ) -> tuple[dict[tuple[int, int], ShmChannelSpec], list[_ShmChannel]]:
     """Creates one channel per (src, dst) pair; the caller keeps the returned handles and unlinks them at shutdown."""
     specs, handles = {}, []
     for src, dst in pairs:
-        spec = ShmChannelSpec(f"{prefix}-{src}-{dst}", slots, slot_bytes)
+        spec = ShmChannelSpec(f"{prefix}-{src}-{dst}", slots, slot_bytes, opener_untracks)
         handles.append(_ShmChannel(spec, create=True))
         specs[(src, dst)] = spec
     return specs, handles

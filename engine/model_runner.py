@@ -133,9 +133,10 @@ class ModelRunner:
         return AttentionPolicies(layout, self.kv_caches), model.attention_policy_spec
 
     def _allocate_kv_caches(self, num_blocks: int) -> tuple[list, KVStairView | None]:
-        """Per layer a plain [2, kvh, blocks + 1, bs, hd] tensor (MLA: [1, 1, blocks + 1, bs, latent]), or a QuantizedKVCache for --kv-cache-dtype; the
-        int4 / saq staircase's view (each block's stair and slot) is shared by all layers. A plain cache's block
-        past the pool's (`pad_block`) is written only by the padding rows of a CUDA graph's batch."""
+        """Per layer a plain [2, kvh, blocks + 1, bs, hd] tensor (MLA: [1, 1, blocks + 1, bs, latent]), or a
+        QuantizedKVCache for --kv-cache-dtype; the int4 / saq staircase's view (each block's stair and slot) is
+        shared by all layers. A plain cache's block past the pool's (`pad_block`) is written only by the padding
+        rows of a CUDA graph's batch."""
         spec = kv_cache_spec_for(self.config, self.model_config)
         layers = range(self.model_config.num_layers)
         self.pad_block = num_blocks

@@ -64,7 +64,8 @@ MOE_SHAPE = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_a
 
 def moe_tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor of a Qwen3-MoE of `shape`, as HF names it (experts one by one)."""
-    h, heads, kv, hd = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    h, hd = shape["hidden_size"], shape["head_dim"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     inter, experts = shape["moe_intermediate_size"], shape["num_experts"]
     tensors = {"model.embed_tokens.weight": (shape["vocab_size"], h), "model.norm.weight": (h,),
                "lm_head.weight": (shape["vocab_size"], h)}

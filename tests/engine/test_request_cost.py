@@ -42,8 +42,8 @@ def test_active_params_match_transformers(tmp_path, arch):
     hf = make_tiny_model(tmp_path, arch, **overrides)
     params = active_params(load_transformer_config(tmp_path))
     top_k = overrides.get("num_experts_per_tok", 0)
-    num_experts = (overrides.get("num_local_experts") or overrides.get("num_experts") or overrides.get("n_routed_experts")
-                   or 0)
+    num_experts = next((overrides[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                        if k in overrides), 0)
     assert params.per_token == hf_active_weights(hf, top_k, num_experts)
     assert params.lm_head == hf.config.vocab_size * hf.config.hidden_size
 
