@@ -156,17 +156,14 @@ class LLMEngine:
                              f"{self.model_config.num_layers}) does not have")
 
     def _check_latent_cache(self) -> None:
-        """MLA (DeepSeek-V2/V3) caches one latent a token, in the model dtype, read by its own torch attention
-        (kernels/attention/mla_paged.py): no quantized KV formats, no Triton kernel."""
+        """MLA (DeepSeek-V2/V3) caches one latent a token, in the model dtype (kernels/attention/mla_paged.py): no
+        quantized KV formats."""
         if self.model_config.kv_entry.planes != 1:
             return
         arch, cache = self.model_config.architecture, self.config.cache
         if cache.kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype {cache.kv_cache_dtype!r} quantizes K and V; {arch}'s MLA cache holds "
                              f"latents, which run with kv_cache_dtype 'auto' only")
-        if self.config.model.attention_backend == "triton":
-            raise ValueError(f"attention_backend 'triton' has no MLA kernel; {arch} runs MLA with attention_backend "
-                             f"'auto' or 'torch'")
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len

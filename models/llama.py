@@ -98,7 +98,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if variant.mla is not None:  # MLA reads its own latent cache: kernels/attention/mla_paged.py
-            self.self_attn = MLAttention(cfg, variant.mla, layer_index)
+            self.self_attn = MLAttention(cfg, variant.mla, layer_index, getattr(attention, "name", "torch"))
         elif variant.share_q_dim:
             self.self_attn = MFAttention(cfg, variant.share_q_dim, attention, layer_index)
         else:

@@ -10,7 +10,8 @@ entries directly:
     out    = softmax(scores * scale) . c_KV            the value is the entry's first kv_lora_rank values
 
 which is MQA with one shared head whose value is a prefix of its key. The step's batch is described by the same
-AttentionMetadata as every backend's (decodes first, then prefill chunks).
+AttentionMetadata as every backend's (decodes first, then prefill chunks). Under the Triton backend, decodes run
+kernels/attention/triton_mla.py, which this module's torch decode is the reference of.
 """
 from __future__ import annotations
 
@@ -58,16 +59,37 @@ def mla_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: to
     return out.view(n, num_heads, value_dim)
 
 
-def mla_paged_attention(q: torch.Tensor, entries: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                        scale: float, value_dim: int) -> torch.Tensor:
-    """Writes this step's entries ([T, D]), then attends: q [T, heads, D] (absorbed queries) -> [T, heads,
-    value_dim], each head's output in the latent space."""
-    write_latent(kv_cache, entries, meta.slot_mapping)  # all first: a prefix hit may read a block written now
-    out = q.new_empty(q.shape[0], q.shape[1], value_dim)
-    if meta.num_decodes:
-        out[:meta.num_decodes] = mla_decode_attention(q[:meta.num_decodes], kv_cache, meta.decode_block_tables,
-                                                      meta.decode_mask_bias, scale, value_dim)
-    for seq in meta.prefills:
-        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-        out[rows] = mla_prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale, value_dim)
-    return out
+def _torch_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  value_dim: int) -> torch.Tensor:
+    return mla_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask_bias, scale, value_dim)
+
+
+def _triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                   value_dim: int) -> torch.Tensor:
+    from afdserve.kernels.attention.triton_mla import mla_paged_decode
+    return mla_paged_decode(q, kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, value_dim)
+
+
+class MLAPagedAttention:
+    """MLA's attention call: writes the step's entries ([T, D]), then attends: q [T, heads, D] (absorbed queries)
+    -> [T, heads, value_dim], each head's output in the latent space. Decodes run `decode` (the torch reference
+    above, or kernels/attention/triton_mla.py); prefill chunks run in torch."""
+
+    def __init__(self, decode=_torch_decode):
+        self.decode = decode
+
+    def __call__(self, q: torch.Tensor, entries: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, value_dim: int) -> torch.Tensor:
+        write_latent(kv_cache, entries, meta.slot_mapping)  # all first: a prefix hit may read a block written now
+        out = q.new_empty(q.shape[0], q.shape[1], value_dim)
+        if meta.num_decodes:
+            out[:meta.num_decodes] = self.decode(q[:meta.num_decodes], kv_cache, meta, scale, value_dim)
+        for seq in meta.prefills:
+            rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+            out[rows] = mla_prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale, value_dim)
+        return out
+
+
+def mla_attention_backend(backend_name: str) -> MLAPagedAttention:
+    """MLA's attention for the engine's attention backend ("torch" or "triton": its decode kernel)."""
+    return MLAPagedAttention(_triton_decode if backend_name == "triton" else _torch_decode)

@@ -110,6 +110,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.
 class TorchPagedAttention:
     """The attention backend interface: write this step's K/V, then attend over each sequence's blocks (or, for
     decodes under an attention policy, the blocks it chose)."""
+    name = "torch"  # what MLA's own attention follows (kernels/attention/mla_paged.mla_attention_backend)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:

@@ -368,6 +368,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 class TritonPagedAttention:
     """The attention backend interface on the Triton kernels (same call as TorchPagedAttention)."""
+    name = "triton"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ Keys and values are compressed into one latent per token, and only it is cached 
 
 Attention runs in the absorbed form (the paper's "absorb W_UK into W_Q and W_UV into W_O"): the query is moved into the
 latent space once per token, q_lat = q_nope W_UK ([T, heads, kv_lora_rank]), so that q_nope . k_nope = q_lat . c_kv and
-every head reads the cached entries as they are (kernels/attention/mla_paged.py); its output, in the latent space, is
+every head reads the cached entries as they are (kernels/attention/mla_paged.py; decodes in Triton under the Triton
+backend); its output, in the latent space, is
 multiplied by W_UV per head, then by o_proj. The softmax scale is (nope + rope)^-0.5, times YaRN's
 mscale(factor, mscale_all_dim)^2 when the context is extended.
 """
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from afdserve.kernels.attention import AttentionMetadata
-from afdserve.kernels.attention.mla_paged import mla_paged_attention
+from afdserve.kernels.attention.mla_paged import mla_attention_backend
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.models.layers.linear import Linear
 from afdserve.models.layers.norm import RMSNorm
@@ -62,7 +63,8 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, mla: MLAConfig, layer_index: int):
+    def __init__(self, cfg: TransformerConfig, mla: MLAConfig, layer_index: int, backend_name: str = "torch"):
+        """backend_name: the engine's attention backend, whose MLA decode this layer runs."""
         super().__init__()
         self.layer_index = layer_index
         self.mla = mla
@@ -81,6 +83,7 @@ class MLAttention(nn.Module):
                                    bias=False)
         self.o_proj = Linear(self.num_heads * mla.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = mla.softmax_scale(cfg.rope_scaling)
+        self.attn = mla_attention_backend(backend_name)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.mla.q_lora_rank is None:
@@ -102,7 +105,7 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self.kv_b_proj.weight.view(self.num_heads, -1, mla.kv_lora_rank).split(
             [mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK: [T, heads, kv_lora_rank]
-        out_latent = mla_paged_attention(torch.cat([q_latent, q_pe], dim=-1), torch.cat([c_kv, k_pe], dim=-1),
-                                         kv_cache, meta, self.scale, mla.kv_lora_rank)
+        out_latent = self.attn(torch.cat([q_latent, q_pe], dim=-1), torch.cat([c_kv, k_pe], dim=-1), kv_cache, meta,
+                               self.scale, mla.kv_lora_rank)
         out = torch.einsum("thl,hvl->thv", out_latent, w_uv)  # absorb W_UV: [T, heads, v_head_dim]
         return self.o_proj(out.reshape(-1, self.num_heads * mla.v_head_dim))

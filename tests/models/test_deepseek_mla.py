@@ -117,7 +117,6 @@ def test_missing_mla_field_is_named(field, tmp_path):
 
 @pytest.mark.parametrize("option, message", [
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype 'int8' quantizes K and V; DeepseekV3ForCausalLM's MLA cache"),
-    (dict(attention_backend="triton"), "attention_backend 'triton' has no MLA kernel"),
     (dict(attention_policy="quest"), "attention_policy 'quest' selects K pages per KV head"),
 ])
 def test_options_the_latent_cache_cannot_take_are_named(option, message, tmp_path):
