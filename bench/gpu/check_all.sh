@@ -6,7 +6,7 @@
 #                                                                  (defaults 170 120 30 100 50; a cap of 0 skips a step)
 #
 # 1. The engine on the GPU: tests/engine/test_cuda_graphs.py under pytest (graphs captured for real against eager
-#    steps), then afdserve.bench.gpu.engine_check on SmolLM2's shape (greedy parity against the CPU; throughput with
+#    steps) and tests/kernels/test_triton_mla.py (the MLA decode kernel compiled, against the torch path), then afdserve.bench.gpu.engine_check on SmolLM2's shape (greedy parity against the CPU; throughput with
 #    CUDA graphs, eager, and fp8 weights + activations, at concurrency 64 and 1). Needs the gguf package (carry its
 #    wheel) and transformers (in the GPU image).
 # 2. engine_check on a random-weight Qwen3-MoE of 4.0B parameters (written first, ~8 GB): graphs, eager and fp8 at
@@ -42,7 +42,8 @@ step() {  # step <cap-seconds> <log name> <command...>: runs the command under i
 }
 engine=${1:-170}
 if [ "$engine" != 0 ]; then
-    step 50 graphs-test $PY -m pytest -q -rs -p no:cacheprovider tests/engine/test_cuda_graphs.py
+    step 50 graphs-test $PY -m pytest -q -rs -p no:cacheprovider tests/engine/test_cuda_graphs.py \
+        tests/kernels/test_triton_mla.py
     step $((engine - 50)) engine $PY -m afdserve.bench.gpu.engine_check --modes graphs,eager,fp8 --out "$OUT/engine.json"
 fi
 step "${2:-120}" moe-engine $PY -m afdserve.bench.gpu.engine_check --random-moe /tmp/afdserve-moe-4b --parity-tokens 0 \
