@@ -12,9 +12,8 @@ Keys and values are compressed into one latent per token, and only it is cached 
 Attention runs in the absorbed form (the paper's "absorb W_UK into W_Q and W_UV into W_O"): the query is moved into the
 latent space once per token, q_lat = q_nope W_UK ([T, heads, kv_lora_rank]), so that q_nope . k_nope = q_lat . c_kv and
 every head reads the cached entries as they are (kernels/attention/mla_paged.py; decodes in Triton under the Triton
-backend); its output, in the latent space, is
-multiplied by W_UV per head, then by o_proj. The softmax scale is (nope + rope)^-0.5, times YaRN's
-mscale(factor, mscale_all_dim)^2 when the context is extended.
+backend); its output, in the latent space, is multiplied by W_UV per head, then by o_proj. The softmax scale is
+(nope + rope)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 when the context is extended.
 """
 from __future__ import annotations
 

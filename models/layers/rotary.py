@@ -37,8 +37,9 @@ def yarn_inv_freq(inv_freq: torch.Tensor, base: float, scaling: dict) -> tuple[t
     ramp over the dimensions in between. Returns the frequencies and the factor cos and sin are scaled by (DeepSeek:
     mscale(factor, mscale) / mscale(factor, mscale_all_dim))."""
     dim = 2 * inv_freq.numel()
-    factor = scaling["factor"]
-    old_len = scaling["original_max_position_embeddings"]
+    factor, old_len = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if not factor or not old_len:
+        raise ValueError(f"rope scaling 'yarn' needs 'factor' and 'original_max_position_embeddings', got {scaling}")
 
     def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
         return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))

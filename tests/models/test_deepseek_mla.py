@@ -155,3 +155,12 @@ def test_decode_graph_buckets_with_padding_give_transformers_tokens(tmp_path):
     written = [b for b in range(runner.pad_block + 1) if runner.kv_caches[0][:, :, b].abs().sum() > 0]
     needed = sum(-(-(len(p) + n) // block_size) for p, n in zip(PROMPTS, new_tokens))
     assert written[-1] == runner.pad_block and len(written) - 1 <= needed  # the requests' blocks and the pad block
+
+
+def test_yarn_without_its_original_context_is_named(tmp_path):
+    make_tiny_deepseek_mla(tmp_path, "v3-yarn")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"].pop("original_max_position_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope scaling 'yarn' needs 'factor' and 'original_max_position_embeddings'"):
+        LLM(str(tmp_path), dtype="float32")
