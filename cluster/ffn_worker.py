@@ -14,7 +14,6 @@ cluster/expert_group.py gathers), and its outputs are partial sums the attention
 from __future__ import annotations
 
 import functools
-
 import threading
 from dataclasses import asdict
 from pathlib import Path
