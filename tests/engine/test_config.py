@@ -25,7 +25,7 @@ ENGINE_FLAGS = {
     "--expert-batch-max-wait": 4,
 }
 AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
-             "--moe-parallel": "adaptive", "--threads-per-worker": None}
+             "--afd-wire": "auto", "--moe-parallel": "adaptive", "--threads-per-worker": None}
 
 # One value off the default for every flag, as a command line and as LLM / engine_config keywords.
 ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--seed", "7", "--block-size", "32",
@@ -33,14 +33,16 @@ ARGV = ["--model", "tiny", "--dtype", "float32", "--max-model-len", "512", "--se
         "--kv-cache-dtype", "int4", "--kv-window", "64", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "256", "--tpot-slo-ms", "150", "--cache-dir", "/tmp/models",
         "--attention-backend", "torch", "--device", "cpu", "--quantization", "int8", "--afd", "1A2F",
-        "--micro-batches", "3", "--ray-address", "auto", "--afd-transport", "shm", "--moe-parallel", "ep",
+        "--micro-batches", "3", "--ray-address", "auto", "--afd-transport", "shm", "--afd-wire", "fp8",
+        "--moe-parallel", "ep",
         "--threads-per-worker", "2", "--cuda-graph-sizes", "1,2", "--enforce-eager",
         "--expert-batch-size", "4", "--expert-batch-max-wait", "2"]
 KWARGS = dict(model="tiny", dtype="float32", max_model_len=512, seed=7, block_size=32, kv_cache_memory_gb=0.5,
               num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int4", kv_window=64,
               max_num_seqs=8, max_num_batched_tokens=256, tpot_slo_ms=150.0,
               cache_dir=Path("/tmp/models"), attention_backend="torch", device="cpu", quantization="int8", afd="1A2F",
-              micro_batches=3, ray_address="auto", afd_transport="shm", moe_parallel="ep", threads_per_worker=2,
+              micro_batches=3, ray_address="auto", afd_transport="shm", afd_wire="fp8", moe_parallel="ep",
+              threads_per_worker=2,
               cuda_graph_sizes="1,2", enforce_eager=True, expert_batch_size=4, expert_batch_max_wait=2)
 
 
