@@ -2,16 +2,17 @@
 
 The cache of one layer is `kv_cache_shape(num_blocks, block_size, 1, kv_lora_rank + rope_dim, planes=1)`: a single
 plane and a single head holding, per token, its normalized latent c_KV and its RoPE'd shared key k_pe; no K and V
-(576 values a token for DeepSeek-V2/V3, against 2 x 128 heads x 128 for MHA). In the absorbed form
-(models/layers/mla.py folds W_UK into the query and W_UV into the output) every query head attends over these
-entries directly:
+(576 values a token for DeepSeek-V2/V3, against 2 x 128 heads x 128 for MHA). In the absorbed form (W_UK folded into
+the query and W_UV into the output) every query head attends over these entries directly:
 
     scores = [q_nope W_UK | q_pe] . [c_KV | k_pe]     the key is the whole entry
     out    = softmax(scores * scale) . c_KV            the value is the entry's first kv_lora_rank values
 
-which is MQA with one shared head whose value is a prefix of its key. The step's batch is described by the same
-AttentionMetadata as every backend's (decodes first, then prefill chunks). Under the Triton backend, decodes run
-kernels/attention/triton_mla.py, which this module's torch decode is the reference of.
+which is MQA with one shared head whose value is a prefix of its key: what decodes run (under the Triton backend
+in kernels/attention/triton_mla.py, which this module's torch decode is the reference of). A prefill chunk, with
+many queries over the same latents, runs the decompressed form instead (keys and values expanded per head, as
+vLLM and SGLang do): mla_prefill_attention. The step's batch is described by the same AttentionMetadata as every
+backend's (decodes first, then prefill chunks).
 """
 from __future__ import annotations
 
@@ -45,18 +46,27 @@ def mla_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     return out.view(num_seqs, num_heads, value_dim)
 
 
-def mla_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
-                          scale: float, value_dim: int) -> torch.Tensor:
-    """A chunk of one sequence (its last q.shape[0] tokens) attending causally to everything before it:
-    q [n, heads, D] -> [n, heads, value_dim]."""
-    n, num_heads, dim = q.shape
-    keys = gather_latent(kv_cache, block_ids)[:seq_len].to(q.dtype)[None, None]  # [1, 1, seq_len, D]
-    # Rows are (token, head) pairs, token-major; row r is token r // heads at position seq_len - n + r // heads.
-    q_pos = torch.arange(seq_len - n, seq_len, device=q.device).repeat_interleave(num_heads)
-    visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-    out = F.scaled_dot_product_attention(q.reshape(1, 1, n * num_heads, dim), keys, keys[..., :value_dim],
-                                         attn_mask=visible, scale=scale)
-    return out.view(n, num_heads, value_dim)
+def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor,
+                          seq_len: int, scale: float, w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """A chunk of one sequence (its last n tokens) attending causally to everything before it, in the decompressed
+    form: q_nope [n, heads, nope], q_pe [n, heads, rope] -> [n, heads, v_head_dim]. Each cached latent is expanded
+    once into per-head keys [c W_UK^T | k_pe] and values c W_UV^T (w_uk [heads, nope, L], w_uv [heads, v, L]),
+    which for a chunk of many queries costs less than moving every query into the latent space
+    (`python -m afdserve.bench.mla_prefill`, DeepSeek-V2-Lite's shapes; bench/results/issue18-mla/)."""
+    n, num_heads, nope = q_nope.shape
+    entries = gather_latent(kv_cache, block_ids)[:seq_len].to(q_nope.dtype)
+    latent, k_pe = entries.split([w_uk.shape[2], q_pe.shape[2]], dim=-1)
+    k_nope = torch.einsum("sl,hnl->hsn", latent, w_uk)  # [heads, seq_len, nope]
+    values = torch.einsum("sl,hvl->hsv", latent, w_uv)  # [heads, seq_len, v]
+    keys = torch.cat([k_nope, k_pe.unsqueeze(0).expand(num_heads, -1, -1)], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [heads, n, nope + rope]
+    if n == seq_len:
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=True, scale=scale)
+    else:  # query i sits at position seq_len - n + i and sees keys up to and including it
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=visible, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def _torch_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -71,22 +81,27 @@ def _triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetad
 
 
 class MLAPagedAttention:
-    """MLA's attention call: writes the step's entries ([T, D]), then attends: q [T, heads, D] (absorbed queries)
-    -> [T, heads, value_dim], each head's output in the latent space. Decodes run `decode` (the torch reference
-    above, or kernels/attention/triton_mla.py); prefill chunks run in torch."""
+    """MLA's attention call: writes the step's entries ([T, D]), then attends, q_nope [T, heads, nope] and q_pe
+    [T, heads, rope] -> [T, heads, v_head_dim], with W_UK and W_UV (kv_b_proj's rows per head, [heads, nope, L] and
+    [heads, v, L]). Decodes run absorbed, through `decode` (the torch reference above, or
+    kernels/attention/triton_mla.py), and prefill chunks decompressed, in torch."""
 
     def __init__(self, decode=_torch_decode):
         self.decode = decode
 
-    def __call__(self, q: torch.Tensor, entries: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float, value_dim: int) -> torch.Tensor:
+    def __call__(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entries: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata, scale: float, w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
         write_latent(kv_cache, entries, meta.slot_mapping)  # all first: a prefix hit may read a block written now
-        out = q.new_empty(q.shape[0], q.shape[1], value_dim)
-        if meta.num_decodes:
-            out[:meta.num_decodes] = self.decode(q[:meta.num_decodes], kv_cache, meta, scale, value_dim)
+        out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uv.shape[1])
+        d = meta.num_decodes
+        if d:
+            q = torch.cat([torch.einsum("thn,hnl->thl", q_nope[:d], w_uk), q_pe[:d]], dim=-1)  # absorb W_UK
+            out_latent = self.decode(q, kv_cache, meta, scale, w_uk.shape[2])  # [d, heads, L]
+            out[:d] = torch.einsum("thl,hvl->thv", out_latent, w_uv)  # absorb W_UV
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-            out[rows] = mla_prefill_attention(q[rows], kv_cache, seq.block_ids, seq.seq_len, scale, value_dim)
+            out[rows] = mla_prefill_attention(q_nope[rows], q_pe[rows], kv_cache, seq.block_ids, seq.seq_len, scale,
+                                              w_uk, w_uv)
         return out
 
 

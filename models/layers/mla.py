@@ -9,10 +9,11 @@ Keys and values are compressed into one latent per token, and only it is cached 
     W_UK, W_UV = kv_b_proj's rows per head: k_nope = c_kv W_UK^T, v = c_kv W_UV^T
     cache      <- [c_kv | k_pe]                                              kv_lora_rank + rope values a token
 
-Attention runs in the absorbed form (the paper's "absorb W_UK into W_Q and W_UV into W_O"): the query is moved into the
-latent space once per token, q_lat = q_nope W_UK ([T, heads, kv_lora_rank]), so that q_nope . k_nope = q_lat . c_kv and
-every head reads the cached entries as they are (kernels/attention/mla_paged.py; decodes in Triton under the Triton
-backend); its output, in the latent space, is multiplied by W_UV per head, then by o_proj. The softmax scale is
+Decodes run in the absorbed form (the paper's "absorb W_UK into W_Q and W_UV into W_O"): the query is moved into the
+latent space, q_lat = q_nope W_UK ([T, heads, kv_lora_rank]), so that q_nope . k_nope = q_lat . c_kv and every head
+reads the cached entries as they are; the output, in the latent space, is multiplied by W_UV per head. Prefill
+chunks expand the cached latents into per-head keys and values instead, cheaper for many queries
+(kernels/attention/mla_paged.py; decodes in Triton under the Triton backend). Then o_proj. The softmax scale is
 (nope + rope)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 when the context is extended.
 """
 from __future__ import annotations
@@ -103,8 +104,5 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self._rope(q_pe, rope), self._rope(k_pe.unsqueeze(1), rope).squeeze(1)
         w_uk, w_uv = self.kv_b_proj.weight.view(self.num_heads, -1, mla.kv_lora_rank).split(
             [mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
-        q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK: [T, heads, kv_lora_rank]
-        out_latent = self.attn(torch.cat([q_latent, q_pe], dim=-1), torch.cat([c_kv, k_pe], dim=-1), kv_cache, meta,
-                               self.scale, mla.kv_lora_rank)
-        out = torch.einsum("thl,hvl->thv", out_latent, w_uv)  # absorb W_UV: [T, heads, v_head_dim]
+        out = self.attn(q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), kv_cache, meta, self.scale, w_uk, w_uv)
         return self.o_proj(out.reshape(-1, self.num_heads * mla.v_head_dim))

@@ -164,3 +164,18 @@ def test_yarn_without_its_original_context_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rope scaling 'yarn' needs 'factor' and 'original_max_position_embeddings'"):
         LLM(str(tmp_path), dtype="float32")
+
+
+def test_chunked_prefills_and_prefix_hits_match_transformers(tmp_path):
+    """Prefill chunks of at most 16 tokens (a chunk attends to the chunks before it: the decompressed form's
+    offset mask) and a shared 32-token prefix found in the cache."""
+    hf = make_tiny_deepseek_mla(tmp_path, "v3-noaux-tc")
+    shared = list(range(10, 42))
+    prompts = [shared + [7, 8, 9], list(range(50, 90)), shared + [99, 100]]
+    from conftest import hf_greedy
+    with LLM(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=16) as llm:
+        generate_and_compare(llm, hf, prompts[:2], 8, TOP)
+        # After the first finished its blocks are cached (a request without prompt logprobs may use them).
+        greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        assert llm.generate(prompts[2:], greedy, use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf, prompts[2], 8)
+        assert llm.engine.core.kv.prefix_hits >= 32
