@@ -96,6 +96,10 @@ class ModelConfig:
         if self.quantization in CPU_QUANTIZATIONS and self.device != "cpu":
             raise ValueError(f"quantization {self.quantization!r} is a CPU path (torch's weight-only CPU kernels); "
                              f"leave it unset on {self.device}")
+        if (self.quantization == "fp8" and self.device != "cpu"
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise ValueError(f"quantization 'fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                             f"{self.device} is {torch.cuda.get_device_name(self.device)}")
 
     @property
     def expert_cache(self) -> tuple[int, str] | None:

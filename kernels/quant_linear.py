@@ -108,7 +108,7 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation scales, one per row of x [T, K]: (codes float8_e4m3fn [T, K], scales fp32 [T, 1]). Also
-    the FP8 A->F wire format (cluster/attention_worker.py)."""
+    the FP8 A->F wire format (cluster/wire.py)."""
     rows = x.float()
     scales = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_TINY_SCALE)
     return (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
