@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from afdserve.kernels.attention.triton_paged import _max_combine, _sum_combine
+from afdserve.kernels.attention.triton_paged import online_softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -65,10 +65,7 @@ def _mla_decode_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
         else:
             s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_pe, tl.trans(k_pe))
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
         if DOT_FP32:
             pv = tl.dot(p, c, input_precision="ieee")
         else:

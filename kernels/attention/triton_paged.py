@@ -52,6 +52,17 @@ def _sum_combine(a, b):
     return a + b
 
 
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One key tile of a base-2 online softmax: s [rows, keys] scaled logits (-inf where masked), m_i / l_i the
+    rows' running max and sum. Returns p = exp2(s - new max), alpha (what the accumulator is rescaled by), the new
+    max and the new sum."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.reduce(p, 1, _sum_combine)
+
+
 # The KV_QUANT constexpr: what the cache's elements are (constexpr globals: the only globals a kernel may read).
 KV_FULL, KV_INT8, KV_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -154,10 +165,7 @@ def _paged_attention_kernel(
         s = tl.where(offs_n[None, :] < key_limit[:, None], s * scale_log2, float("-inf"))
         if PAGE_WEIGHTS:
             s = s + (tl.load(page_weights + offs_n // PAGE, mask=n_mask, other=0.0) * 1.4426950408889634)[None, :]
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
         if KV_QUANT != KV_FULL:  # the row sum above is of p itself; the value scales weight only p @ V
             p = p * _load_kv_scales(v_scale_base, block_ids, token_offsets, n_mask, stride_sblk, stride_stok)[None, :]
         if DOT_FP32:
