@@ -73,7 +73,9 @@ def _mla_weights(h: int, heads: int, mla: MLAConfig) -> int:
 
 def attention_flops_per_key(cfg: TransformerConfig) -> int:
     """FLOPs of one query position against one key, over all layers: a score and a weighted value per query head
-    (2 d + 2 d); MLA's absorbed form scores the whole cached entry and weighs its latent."""
+    (2 d + 2 d); for MLA, the absorbed form's, which scores the whole cached entry and weighs its latent: what
+    decodes run (prefill chunks run the decompressed form, 2 (nope + rope) + 2 v a key plus expanding the latents,
+    which this rate does not price separately)."""
     variant, _ = architecture_of(cfg)
     if variant.mla is not None:
         per_head = 2 * variant.mla.latent_dim + 2 * variant.mla.kv_lora_rank
