@@ -85,11 +85,12 @@ def moe_tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
     return tensors
 
 
-def random_moe_shaped(directory: Path, shape: dict = MOE_SHAPE) -> Path:
-    """A random-weight Qwen3-MoE of `shape` (bf16, std 0.02, norms 1) and a tokenizer of one token per id, written
-    without building the model in transformers (which would take minutes at this size)."""
+def random_moe_shaped(directory: Path, shape: dict | None = None) -> Path:
+    """A random-weight Qwen3-MoE of `shape` (default MOE_SHAPE; bf16, std 0.02, norms 1) and a tokenizer of one token
+    per id, written without building the model in transformers (which would take minutes at this size)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models
+    shape = shape or MOE_SHAPE
     directory.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     tensors = {name: (torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=gen) * 0.02).bfloat16()

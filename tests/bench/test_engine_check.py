@@ -56,7 +56,6 @@ def test_random_moe_is_the_checkpoint_transformers_reads(tmp_path):
 
 def test_engine_check_runs_a_random_moe_without_parity(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_check, "MOE_SHAPE", TINY_MOE)
-    monkeypatch.setattr(engine_check.random_moe_shaped, "__defaults__", (TINY_MOE,))
     out = tmp_path / "moe.json"
     rc = engine_check.main(["--random-moe", str(tmp_path / "moe"), "--parity-tokens", "0", "--device", "cpu",
                             "--num-requests", "2", "--concurrency", "2", "--modes", "eager,fp8", "--input-len", "8",
