@@ -5,7 +5,7 @@ The network is the Llama-family decoder of models/llama.py (pre-norm RMSNorm, re
 halves that AFD splits) with DeepSeek's two parts:
     attention: MLA (models/layers/mla.py): a compressed latent KV cache of kv_lora_rank + qk_rope_head_dim values a
                token and layer (576 for both V2 and V3), RoPE over qk_rope_head_dim only (YaRN-scaled when
-               `rope_scaling` says so), the absorbed-weight form for every step
+               `rope_scaling` says so), absorbed weights for decodes and the decompressed form for prefill chunks
     FFN:       layers i >= first_k_dense_replace with i % moe_layer_freq == 0: DeepSeekMoE (shared experts + routed
                experts; V2: softmax, greedy or group_limited_greedy; V3: sigmoid, noaux_tc with
                e_score_correction_bias, models/moe_config.deepseek_moe_config); the others a dense SwiGLU MLP
