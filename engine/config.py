@@ -43,7 +43,8 @@ class ModelConfig:
                                             "per-channel scales; CPU) or int4 (weight-only, a scale and zero per 32 "
                                             "input channels, for small batches; CPU), or fp8 (e4m3 weights with "
                                             "per-channel scales and activations with per-token scales, for Hopper; "
-                                            "the LM head stays as it is); MoE experts keep the model dtype",
+                                            "the LM head stays as it is); MoE router gates and experts keep the "
+                                            "model dtype",
                                       choices=QUANTIZATIONS)
     attention_policy: str = option("dense", "which KV pages a decode query reads: dense (every page), or a sparse "
                                             "policy (kernels/attention/sparse); hyperattention also approximates "

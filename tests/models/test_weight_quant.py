@@ -148,3 +148,29 @@ def test_quantization_is_refused_off_the_cpu_and_unknown_names_clearly():
         ModelConfig(quantization="int3")
     with pytest.raises(ValueError, match="FFN sharding would split; afd 1A2F has 2 FFN workers"):
         EngineConfig(model=ModelConfig(quantization="int4"), parallel=ParallelConfig(afd="1A2F"))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_router_gates_stay_unquantized(quantization, tmp_path):
+    """A quantized DeepSeek-V3 keeps its fp32 router gates as they are: every MoE layer routes random hidden states
+    to the experts, with the weights, that transformers' own DeepseekV3TopkRouter gives (the gate is read as a plain
+    weight for its fp32 logits, which quantized codes would silently break)."""
+    hf = make_tiny_model(tmp_path, "deepseek_v3", mlp_std=0.1, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+                         qk_nope_head_dim=24, v_head_dim=20, first_k_dense_replace=1, moe_intermediate_size=32,
+                         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2)
+    x = torch.randn(9, hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with LLM(str(tmp_path), dtype="float32", quantization=quantization) as llm:
+        layers = llm.engine.core.executor.runner.model.layers
+        routed = [(ours, theirs) for ours, theirs in zip(layers, hf.model.layers) if ours.router is not None]
+        assert len(routed) == 2
+        for ours, theirs in routed:
+            assert ours.router.gate.weight.dtype == torch.float32
+            routing = ours.router(x)
+            with torch.no_grad():
+                _, weights, ids = theirs.mlp.gate(x)
+            got_ids, got_order = routing.topk_ids.sort(-1)
+            want_ids, want_order = ids.sort(-1)
+            assert torch.equal(got_ids, want_ids)
+            assert torch.allclose(routing.topk_weights.gather(-1, got_order), weights.gather(-1, want_order),
+                                  atol=1e-6)
