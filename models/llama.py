@@ -268,15 +268,9 @@ class LlamaForCausalLM(nn.Module):
         # fp8 leaves the LM head in the model dtype, as vLLM's fp8 does: on SmolLM2 bf16 an e4m3 head alone cost
         # 3.7 of fp8's 5.4% perplexity (1,024 tokens of pydoc_data.topics).
         head_quantization = None if quantization == "fp8" else quantization
-        # Router gates are never quantized (as in vLLM): a rounded gate flips near-tie expert choices, and
-        # DeepSeek's fp32 gate is read as a plain weight (moe_router.Router), which codes would not be.
-        gates = {id(layer.router.gate) for layer in self.layers if getattr(layer, "router", None) is not None}
         for module in self.modules():
             if isinstance(module, Linear):
-                if id(module) in gates:
-                    module.prepare_for_inference(None)
-                else:
-                    module.prepare_for_inference(head_quantization if module is self.lm_head else quantization)
+                module.prepare_for_inference(head_quantization if module is self.lm_head else quantization)
         # The tied LM head reads the embedding table as a linear weight: pack (or quantize) a copy of it too; the
         # embedding lookup keeps the table as it is.
         if self.embed_tokens is not None and self.lm_head is None:

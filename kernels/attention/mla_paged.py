@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from afdserve.kernels.attention.metadata import AttentionMetadata
+from afdserve.kernels.attention.torch_paged import chunk_causal_mask
 
 
 def write_latent(kv_cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -62,10 +63,9 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [heads, n, nope + rope]
     if n == seq_len:
         out = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=True, scale=scale)
-    else:  # query i sits at position seq_len - n + i and sees keys up to and including it
-        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=visible, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                             attn_mask=chunk_causal_mask(n, seq_len, q.device), scale=scale)
     return out[0].transpose(0, 1)
 
 

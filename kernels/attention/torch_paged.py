@@ -87,6 +87,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     return out.view(num_seqs, num_heads, head_dim)
 
 
+def chunk_causal_mask(n: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """[n, seq_len] bool: query i of a chunk, at position seq_len - n + i, sees the keys up to and including it."""
+    q_pos = torch.arange(seq_len - n, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+
+
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
                       scale: float) -> torch.Tensor:
     """A chunk of one sequence (its last q.shape[0] tokens) attending causally to everything before it.
@@ -100,10 +106,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.
     if n == seq_len:
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        # Query i sits at position seq_len - n + i and sees keys up to and including it.
-        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=chunk_causal_mask(n, seq_len, q.device), scale=scale,
+                                             enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 

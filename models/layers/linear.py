@@ -12,7 +12,8 @@ from afdserve.kernels.quant_linear import quantize_weight, quantized_linear
 
 class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
-    quantization: str | None = None  # "int8" / "int4": `weight` holds the codes, `weight_scale` their scales
+    quantization: str | None = None  # "int8" / "int4" / "fp8": `weight` holds the codes, `weight_scale` their scales
+    quantizable = True  # False: --quantization leaves this layer in the model dtype (MoE router gates)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -20,7 +21,7 @@ class Linear(nn.Linear):
 
     def prepare_for_inference(self, quantization: str | None = None) -> None:
         """Called once after the weights are loaded, cast and moved (and, for int8, before FFN sharding)."""
-        if quantization is not None:
+        if quantization is not None and self.quantizable:
             codes, scales = quantize_weight(self.weight, quantization)
             self.weight = nn.Parameter(codes, requires_grad=False)
             self.weight_scale = nn.Parameter(scales, requires_grad=False)

@@ -137,6 +137,9 @@ class Router(nn.Module):
         self.cfg = cfg
         self.fp32_logits = fp32_logits
         self.gate = Linear(hidden_size, cfg.num_experts, bias=False)
+        # Never quantized (as in vLLM): a rounded gate flips near-tie expert choices, and the fp32 path reads the
+        # gate as a plain weight, which codes would not be.
+        self.gate.quantizable = False
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
                                         if cfg.uses_correction_bias else None)
 
