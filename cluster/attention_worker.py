@@ -1,4 +1,4 @@
-"""AttentionWorker: a Ray actor that owns the KV cache and runs everything but the FFN halves.
+"""AttentionWorker: an actor (Ray, or a local process: cluster/actors.py) that owns the KV cache and runs everything but the FFN halves.
 
 It is a ModelRunner whose forward pass is the one layer loop (models/layer_loop.run_layers) with a remote FFN port:
 each layer's FFN input goes to the FFN workers. The step's batch splits into m micro-batches kept in flight, so the
@@ -113,7 +113,7 @@ class AttentionWorker:
         return free_port()
 
     def init_transport(self, kind: str, ffn_ranks: list[int], **kwargs) -> None:
-        self.runner.transport = build_transport(kind, self.rank, **kwargs)
+        self.runner.transport = build_transport(kind, self.rank, self.runner.device, **kwargs)
         self.runner.ffn_ranks = ffn_ranks
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -32,7 +32,7 @@ class ExpertGroup:
         sends = []
         for peer in self._peers():
             for tag, part in enumerate(experts.slice_of(*shard_range(num_experts, peer, self.world))):
-                payload = as_bytes(part.contiguous())  # gloo moves bytes: bf16 too
+                payload = as_bytes(part.contiguous()).cpu()  # gloo moves host bytes: bf16 too, a GPU slice staged
                 sends.append((self.group.send([payload], peer, tag), payload))
         lo, hi = experts.local_experts
         own_w13, own_w2 = experts.slice_of(lo, hi)
@@ -45,7 +45,10 @@ class ExpertGroup:
             w13 = own_w13.new_empty(hi - lo, 2 * (s_hi - s_lo), own_w13.shape[2])
             w2 = own_w2.new_empty(hi - lo, own_w2.shape[1], s_hi - s_lo)
             for tag, out in enumerate((w13, w2)):
-                self.group.recv([byte_view(out)], rank, tag).wait()
+                host = out if out.device.type == "cpu" else torch.empty_like(out, device="cpu")
+                self.group.recv([byte_view(host)], rank, tag).wait()
+                if host is not out:
+                    out.copy_(host)
                 self.bytes_received += out.numel() * out.element_size()
             slices.append((w13, w2))
         for work, _ in sends:

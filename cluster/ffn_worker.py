@@ -1,4 +1,4 @@
-"""FFNWorker: a Ray actor that holds the FFN halves (MLP or MoE experts) and serves every attention worker.
+"""FFNWorker: an actor (Ray, or a local process: cluster/actors.py) that holds the FFN halves (MLP or MoE experts) and serves every attention worker.
 
 Per step it reads a header from each attention worker (how many micro-batches, how many tokens each; none for a
 data-parallel rank with nothing scheduled). Then for every layer and micro-batch index j it receives `ffn_input`
@@ -40,9 +40,11 @@ class FFNWorker:
         self.threads = threads
         self.rank = rank
         self.dtype = resolve_dtype(config.model.dtype, model_config, config.model.device)
+        self.device = torch.device(config.model.device)
         # MLP / MoE only; several FFN workers each hold a shard, and MoE passes run expert-parallel or expert-sliced.
         shard = (ffn_index, num_ffn_workers) if num_ffn_workers > 1 else None
-        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, role="ffn", ffn_shard=shard,
+        self.model = load_model(model_dir, model_config, self.dtype, max_model_len, device=self.device, role="ffn",
+                                ffn_shard=shard,
                                 quantization=config.model.quantization, expert_cache=config.model.expert_cache)
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         self.ffn_index, self.num_ffn_workers = ffn_index, num_ffn_workers
@@ -54,7 +56,7 @@ class FFNWorker:
         self.timer = StageTimer()
 
     def init_transport(self, kind: str, **kwargs) -> None:
-        self.transport = build_transport(kind, self.rank, **kwargs)
+        self.transport = build_transport(kind, self.rank, self.device, **kwargs)
 
     def init_expert_group(self, host: str, port: int) -> None:
         """Joins the FFN workers' group (every FFN worker at once; worker 0 serves the store at host:port) and
@@ -106,7 +108,7 @@ class FFNWorker:
         timer, transport = self.timer, self.transport
 
         def recv(shape, dtype, peer: int) -> torch.Tensor:
-            return timer.wait(transport.recv, torch.empty(shape, dtype=dtype), peer)
+            return timer.wait(transport.recv, torch.empty(shape, dtype=dtype, device=self.device), peer)
 
         num_micro_batches = max(len(tokens) for tokens in tokens_per_micro_batch.values())
         if num_micro_batches == 0:

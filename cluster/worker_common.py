@@ -4,10 +4,11 @@ from __future__ import annotations
 from afdserve.cluster.transport import ProcessGroupTransport, ShmTransport, Transport
 
 
-def build_transport(kind: str, rank: int, **kwargs) -> Transport:
-    """kind: gloo or nccl (kwargs world_size, init_method; nccl also device), or shm (kwargs channels)."""
+def build_transport(kind: str, rank: int, device, **kwargs) -> Transport:
+    """kind: gloo or nccl (kwargs world_size, init_method; nccl moves tensors on `device`, the worker's own GPU), or
+    shm (kwargs channels)."""
     if kind in ("gloo", "nccl"):
-        return ProcessGroupTransport(rank, kwargs["world_size"], kwargs["init_method"], kind, kwargs.get("device"))
+        return ProcessGroupTransport(rank, kwargs["world_size"], kwargs["init_method"], kind, device)
     if kind == "shm":
         return ShmTransport(rank, kwargs["channels"])
     raise ValueError(f"unknown transport {kind!r}")

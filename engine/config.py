@@ -247,20 +247,26 @@ class SchedulerConfig:
 
 
 MOE_PARALLEL_POLICIES = ("ep", "sliced", "adaptive")  # cluster/moe_parallel.py
-AFD_TRANSPORTS = ("gloo", "shm")  # cluster/transport.py
+AFD_TRANSPORTS = ("gloo", "shm", "nccl")  # cluster/transport.py
+EXECUTOR_BACKENDS = ("ray", "mp")  # cluster/actors.py
 AFD_WIRES = ("auto", "fp8")  # cluster/wire.py
 
 
 @dataclass
 class ParallelConfig:
-    """Attention-FFN disaggregation: `afd="1A1F"` runs x attention workers and y FFN workers as Ray actors."""
-    afd: str | None = option(None, "run x attention and y FFN workers on Ray, e.g. 1A1F; default: the whole model "
-                                   "in this process", metavar="xAyF")
+    """Attention-FFN disaggregation: `afd="1A1F"` runs x attention workers and y FFN workers as Ray actors or local
+    processes."""
+    afd: str | None = option(None, "run x attention and y FFN workers, e.g. 1A1F; default: the whole model in this "
+                                   "process", metavar="xAyF")
     micro_batches: int = option(2, "micro-batches in flight per step, so FFN work on one overlaps attention on the "
                                    "next")
+    distributed_executor_backend: str = option("ray", "where the AFD workers run: ray (Ray actors, any nodes) or mp "
+                                                      "(local processes, one host, no Ray)",
+                                               choices=EXECUTOR_BACKENDS)
     ray_address: str | None = option(None, "default: start a local Ray; 'auto' joins a running one")
-    afd_transport: str = option("gloo", "the A<->F data plane: gloo (torch.distributed, any hosts) or shm (shared "
-                                        "memory, one host)", choices=AFD_TRANSPORTS)
+    afd_transport: str = option("gloo", "the A<->F data plane: gloo (torch.distributed, any hosts), shm (shared "
+                                        "memory, one host) or nccl (GPU to GPU, one GPU per worker)",
+                                choices=AFD_TRANSPORTS)
     afd_wire: str = option("auto", "A->F activations on the wire: auto (the model dtype) or fp8 (e4m3 with a scale "
                                    "per token: half of bf16's bytes, as Step-3 deploys; an approximation, its "
                                    "perplexity cost in the README)", choices=AFD_WIRES)
@@ -276,7 +282,13 @@ class ParallelConfig:
             raise ValueError(f"moe_parallel must be one of {', '.join(MOE_PARALLEL_POLICIES)}, "
                              f"got {self.moe_parallel!r}")
         if self.afd_transport not in AFD_TRANSPORTS:
-            raise ValueError(f"afd_transport must be gloo or shm, got {self.afd_transport!r}")
+            raise ValueError(f"afd_transport must be one of {', '.join(AFD_TRANSPORTS)}, got {self.afd_transport!r}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "mp" and self.ray_address is not None:
+            raise ValueError(f"ray_address {self.ray_address!r} joins a Ray cluster, but distributed_executor_backend "
+                             f"'mp' runs the workers as local processes (use 'ray', or leave ray_address out)")
         if self.afd_wire not in AFD_WIRES:
             raise ValueError(f"afd_wire must be one of {', '.join(AFD_WIRES)}, got {self.afd_wire!r}")
         # A setting that would change nothing is refused, not ignored (a value equal to the default can't be told).
@@ -326,9 +338,18 @@ class EngineConfig:
         if on_gpu and self.cache.kv_cache_dtype in ("int4", "saq"):
             raise ValueError(f"kv_cache_dtype {self.cache.kv_cache_dtype!r} keeps its staircase of stores on the "
                              f"host: use device 'cpu', or kv_cache_dtype auto, fp8_e4m3 or int8 on {self.model.device}")
-        if on_gpu and self.parallel.enabled:
-            raise ValueError(f"afd runs its workers on the CPU (the transports move host tensors); use device 'cpu' "
-                             f"with afd, or drop afd to serve on {self.model.device}")
+        par = self.parallel
+        if on_gpu and par.enabled and par.distributed_executor_backend == "ray":
+            # Ray hides GPUs from actors that reserve none, and reserving them is not built: local processes see them.
+            raise ValueError(f"afd on {self.model.device} runs its workers as local processes: add "
+                             f"distributed_executor_backend 'mp' (--distributed-executor-backend mp)")
+        if par.enabled and par.afd_transport == "nccl":
+            workers = par.num_attention_workers + par.num_ffn_workers
+            gpus = torch.cuda.device_count() if on_gpu else 0
+            if self.model.device != "cuda" or gpus < workers:
+                raise ValueError(f"afd_transport 'nccl' needs a GPU per worker (device 'cuda', {workers} GPUs for "
+                                 f"afd {par.afd}); this is device {self.model.device!r} with {gpus} GPU(s): use "
+                                 f"afd_transport shm (one host) or gloo")
         if self.scheduler.expert_batch_size is not None and self.parallel.num_attention_workers > 1:
             raise ValueError(f"expert_batch_size picks one scheduler's decodes; afd {self.parallel.afd} schedules "
                              f"{self.parallel.num_attention_workers} attention ranks (use x = 1, or leave it out)")

@@ -53,8 +53,8 @@ class LocalExecutor:
 
 def make_executor(config: EngineConfig, model_dir: Path, model_config: TransformerConfig, num_kv_blocks: int,
                   max_model_len: int) -> Executor:
-    """LocalExecutor, or the AFD executor on Ray when `config.parallel.afd` is set."""
+    """LocalExecutor, or the AFD executor (Ray actors or local processes) when `config.parallel.afd` is set."""
     if config.parallel.enabled:
-        from afdserve.cluster.afd_executor import AFDExecutor  # Ray is imported only when AFD is asked for
+        from afdserve.cluster.afd_executor import AFDExecutor  # Ray is imported only when AFD on Ray is asked for
         return AFDExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)
     return LocalExecutor(config, model_dir, model_config, num_kv_blocks, max_model_len)

@@ -4,11 +4,14 @@
 
 1. Parity: greedy fp32 tokens on the device equal the CPU fp32 run of the same engine, for four token-id prompts
    (5 to 64 tokens), in one process (the first position where they part is printed).
-   On CUDA the device run replays CUDA graphs for its decode steps (the default), so this checks them too.
+   On CUDA the device run replays CUDA graphs for its decode steps (the default), so this checks them too. With the
+   afd mode, the device run under AFD (below) is checked against the same CPU tokens.
 2. Throughput: bf16 on the device, attention backend auto (the Triton kernels on CUDA), synthetic requests of
    128 in / 128 out (bench/throughput.py): 256 at concurrency 64 and 8 at concurrency 1, in each of `--modes`:
    graphs (CUDA graphs, the default engine), eager (--enforce-eager), fp8 (graphs with --quantization fp8: e4m3
-   weights and per-token activations through torch._scaled_mm); off CUDA graphs and eager both run eagerly.
+   weights and per-token activations through torch._scaled_mm), afd (`AFD_ARGS`: --afd 1A1F, an attention worker
+   and an FFN worker as two local processes on the one device, shared-memory transport; the attention side runs
+   eagerly, so compare it with eager); off CUDA graphs and eager both run eagerly.
 
 `--random-moe DIR` builds and runs a random-weight Qwen3-MoE of a few billion parameters instead (`MOE_SHAPE`:
 4.0B parameters, 0.84B active a token with the embedding and head; 8.0 GB in bf16), written straight to safetensors
@@ -36,7 +39,10 @@ from afdserve.bench.throughput import ThroughputSpec, format_result, run_through
 from afdserve.engine.llm import LLM, engine_config
 from afdserve.engine.sampling_params import SamplingParams
 
-PROMPT_LENGTHS = (5, 17, 33, 64)  # token-id prompts: any model's vocabulary serves, a random stand-in's too
+PROMPT_LENGTHS = (5, 17, 33, 64)
+# The afd mode: two local processes (the GPU image has no Ray) on the one GPU; NCCL refuses two ranks on one GPU.
+AFD_ARGS = dict(afd="1A1F", distributed_executor_backend="mp", afd_transport="shm")
+MODE_ARGS = {"graphs": {}, "eager": dict(enforce_eager=True), "fp8": dict(quantization="fp8"), "afd": AFD_ARGS}  # token-id prompts: any model's vocabulary serves, a random stand-in's too
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -120,17 +126,24 @@ def greedy_tokens(model: str, device: str, max_tokens: int, **engine_args) -> li
         llm.shutdown()
 
 
-def check_parity(model: str, device: str, max_tokens: int, **engine_args) -> dict:
+def check_parity(model: str, device: str, max_tokens: int, afd: bool = False, **engine_args) -> dict:
+    """The device's tokens against the CPU's; with afd, the device's under AFD_ARGS too (`prompts_afd`)."""
     reference = greedy_tokens(model, "cpu", max_tokens, **engine_args)
-    ours = greedy_tokens(model, device, max_tokens, **engine_args)
-    rows = []
-    for length, ref, got in zip(PROMPT_LENGTHS, reference, ours):
-        parted = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-        rows.append({"prompt_len": length, "equal": ref == got, "first_difference": parted, "cpu": ref,
-                     device: got})
-        print(f"{'ok  ' if ref == got else 'FAIL'} prompt of {length} tokens: {len(got)} tokens"
-              + ("" if parted is None else f", first differs at {parted}"), flush=True)
-    return {"passed": all(r["equal"] for r in rows), "prompts": rows}
+    runs = {"prompts": greedy_tokens(model, device, max_tokens, **engine_args)}
+    if afd:
+        runs["prompts_afd"] = greedy_tokens(model, device, max_tokens, **AFD_ARGS, **engine_args)
+    result = {}
+    for key, ours in runs.items():
+        rows = []
+        for length, ref, got in zip(PROMPT_LENGTHS, reference, ours):
+            parted = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+            rows.append({"prompt_len": length, "equal": ref == got, "first_difference": parted, "cpu": ref,
+                         device: got})
+            print(f"{'ok  ' if ref == got else 'FAIL'} {'afd ' if key == 'prompts_afd' else ''}prompt of {length} "
+                  f"tokens: {len(got)} tokens" + ("" if parted is None else f", first differs at {parted}"),
+                  flush=True)
+        result[key] = rows
+    return {"passed": all(r["equal"] for rows in result.values() for r in rows), **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="64,1", help="comma-separated; at 1, --batch-1-requests requests")
     p.add_argument("--batch-1-requests", type=int, default=8)
     p.add_argument("--modes", default="graphs,eager", help="graphs (the default engine), eager (--enforce-eager), "
-                                                            "fp8 (graphs and --quantization fp8)")
+                                                            "fp8 (graphs and --quantization fp8), afd (AFD_ARGS)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODE_ARGS]
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODE_ARGS)}")
 
     model = args.model
     if args.random_moe is not None:
@@ -164,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = {} if args.num_kv_blocks is None else {"num_kv_blocks": args.num_kv_blocks}
     result = {"host": host_info(args.device), "model": model, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"model {model} on {args.device}", flush=True)
-    result["parity"] = (check_parity(model, args.device, args.parity_tokens, **engine_args) if args.parity_tokens
-                        else {"passed": True, "skipped": "--parity-tokens 0"})
+    result["parity"] = (check_parity(model, args.device, args.parity_tokens, afd="afd" in modes, **engine_args)
+                        if args.parity_tokens else {"passed": True, "skipped": "--parity-tokens 0"})
     result["throughput"] = []
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
@@ -173,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         num_requests = args.batch_1_requests if concurrency == 1 else args.num_requests
         spec = ThroughputSpec(num_requests=num_requests, input_len=args.input_len, output_len=args.output_len,
                               concurrency=concurrency)
-        for mode in args.modes.split(","):
+        for mode in modes:
             config = engine_config(model=model, dtype="bfloat16", device=args.device, max_num_seqs=concurrency,
-                                   enforce_eager=mode == "eager", quantization="fp8" if mode == "fp8" else None,
-                                   **engine_args)
+                                   **MODE_ARGS[mode], **engine_args)
             print(f"--- {mode}, concurrency {concurrency}", flush=True)
             throughput = run_throughput(config, spec)
             print(format_result(throughput), flush=True)

@@ -13,16 +13,25 @@ def test_engine_check_runs_parity_and_throughput(tmp_path):
     out = tmp_path / "engine.json"
     rc = engine_check.main(["--model", str(tmp_path / "tiny"), "--device", "cpu", "--parity-tokens", "4",
                             "--num-requests", "4", "--concurrency", "2,1", "--batch-1-requests", "2",
-                            "--modes", "graphs,eager,fp8",
+                            "--modes", "graphs,eager,fp8,afd",
                             "--input-len", "8", "--output-len", "3", "--num-kv-blocks", "64", "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["parity"]["passed"]
-    assert [len(p["cpu"]) for p in result["parity"]["prompts"]] == [4] * len(engine_check.PROMPT_LENGTHS)
+    for key in ("prompts", "prompts_afd"):  # the afd mode's tokens are checked against the CPU's too
+        assert [len(p["cpu"]) for p in result["parity"][key]] == [4] * len(engine_check.PROMPT_LENGTHS)
     rows = result["throughput"]
     assert [(r["mode"], r["spec"]["concurrency"], r["output_tokens"]) for r in rows] == [
-        ("graphs", 2, 4 * 3), ("eager", 2, 4 * 3), ("fp8", 2, 4 * 3), ("graphs", 1, 2 * 3), ("eager", 1, 2 * 3),
-        ("fp8", 1, 2 * 3)]
+        (mode, concurrency, requests * 3) for concurrency, requests in ((2, 4), (1, 2))
+        for mode in ("graphs", "eager", "fp8", "afd")]
     assert all(r["device"] == "cpu" for r in rows) and result["host"]["torch"]
+    afd_rows = [r for r in rows if r["mode"] == "afd"]
+    assert all(r["afd"] == "1A1F" and r["afd_stage_times"]["steps"] > 0 for r in afd_rows)  # it really ran AFD
+
+
+def test_engine_check_refuses_an_unknown_mode(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        engine_check.main(["--model", str(tmp_path), "--device", "cpu", "--modes", "eager,afd2"])
+    assert "--modes: unknown afd2; choose from graphs, eager, fp8, afd" in capsys.readouterr().err
 
 
 @pytest.mark.slow

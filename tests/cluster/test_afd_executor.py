@@ -1,10 +1,15 @@
 """AFD on Ray against the local executor (the oracle): greedy fp32 tokens identical for 1A1F, 1A2F and 2A1F with 1, 2
 and 3 micro-batches, with requests of mixed lengths so steps mix prefill chunks and decodes."""
+import json
+import subprocess
+import sys
+
 import pytest
 
 from conftest import make_tiny_model
 from afdserve import LLM, SamplingParams
 from afdserve.cluster.micro_batch import split_micro_batches
+from afdserve.engine.config import engine_config
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], list(range(10, 50)), [7], list(range(60, 90)), list(range(100, 117))]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -71,14 +76,16 @@ def test_micro_batches_cover_every_request_once_in_order():
     assert [len(g) for g in split_micro_batches([SimpleNamespace(num_tokens=1)] * 32, 2)] == [16, 16]
 
 
-@pytest.mark.parametrize("afd, micro_batches, transport", [
-    ("1A2F", 1, "shm"), ("1A2F", 3, "gloo"), ("2A1F", 2, "shm"), ("2A1F", 3, "gloo"), ("2A2F", 2, "shm")])
-def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport):
+@pytest.mark.parametrize("afd, micro_batches, transport, backend", [
+    ("1A2F", 1, "shm", "ray"), ("1A2F", 3, "gloo", "ray"), ("2A1F", 2, "shm", "ray"), ("2A1F", 3, "gloo", "ray"),
+    ("2A2F", 2, "shm", "ray"), ("1A1F", 2, "shm", "mp"), ("1A2F", 2, "gloo", "mp"), ("2A1F", 2, "shm", "mp")])
+def test_afd_xayf_equals_local(tiny_llama, afd, micro_batches, transport, backend):
     """1A2F: each FFN worker holds half of every MLP's intermediate dimension and the attention side sums the two
-    partials. 2A1F: requests split over two attention workers with their own KV caches; the FFN worker batches both."""
+    partials. 2A1F: requests split over two attention workers with their own KV caches; the FFN worker batches both.
+    Workers as Ray actors or as local processes (--distributed-executor-backend mp)."""
     path, expected, hf_bytes = tiny_llama
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=48, afd=afd, micro_batches=micro_batches,
-              afd_transport=transport)
+              afd_transport=transport, distributed_executor_backend=backend)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         assert got == expected
@@ -178,3 +185,38 @@ def test_malformed_afd_ratios_are_rejected_clearly(tiny_llama, afd):
     path, _, _ = tiny_llama
     with pytest.raises(ValueError, match="must look like 1A1F"):
         LLM(str(path), dtype="float32", afd=afd)
+
+
+def test_local_processes_start_from_a_script_without_a_main_guard(tiny_llama, tmp_path):
+    """A script that builds an LLM at its top level, as users write them: worker processes must not re-run it (what
+    multiprocessing's spawn would do) and need no Ray."""
+    path, expected, _ = tiny_llama
+    script = tmp_path / "offline.py"
+    script.write_text(f"""import json, sys
+from afdserve import LLM, SamplingParams
+llm = LLM({str(path)!r}, dtype="float32", max_num_batched_tokens=48, afd="1A1F", afd_transport="shm",
+          distributed_executor_backend="mp")
+params = SamplingParams(temperature=0, max_tokens={GREEDY.max_tokens}, ignore_eos=True)
+outputs = llm.generate({PROMPTS!r}, params, use_tqdm=False)
+print(json.dumps([o.outputs[0].token_ids for o in outputs]))
+print("ray imported:", "ray" in sys.modules)
+llm.shutdown()
+""")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens, ray_line = run.stdout.strip().splitlines()[-2:]
+    assert json.loads(tokens) == expected
+    assert ray_line == "ray imported: False"
+
+
+def test_each_worker_gets_its_own_gpu_when_there_is_one_per_worker(monkeypatch):
+    import torch
+    from afdserve.cluster.afd_executor import worker_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, devices in [(3, ["cuda:0", "cuda:1", "cuda:2"]), (2, ["cuda"] * 3)]:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        config = engine_config(afd="1A2F", device="cuda", distributed_executor_backend="mp")
+        assert [worker_config(config, rank).model.device for rank in range(3)] == devices
+    config = engine_config(afd="1A1F", device="cuda:1", distributed_executor_backend="mp")
+    assert [worker_config(config, rank).model.device for rank in range(2)] == ["cuda:1", "cuda:1"]
+    assert worker_config(engine_config(afd="1A1F", device="cpu"), 1).model.device == "cpu"

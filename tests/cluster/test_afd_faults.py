@@ -1,8 +1,8 @@
-"""A killed worker, FFN or attention, at 1A1F, 1A2F and 2A1F: the workers are replaced and the requests that were
-running recompute their KV on the new ones, so every request finishes with the local executor's tokens; no KV block
-leaks. A worker step that raises is reported as an internal error. Neither message carries Ray's internals."""
+"""A killed worker, FFN or attention, at 1A1F, 1A2F and 2A1F, Ray actors or local processes: the workers are
+replaced and the requests that were running recompute their KV on the new ones, so every request finishes with the
+local executor's tokens; no KV block leaks. A worker step that raises is reported as an internal error. Neither
+message carries the backend's internals."""
 import pytest
-import ray
 
 from conftest import make_tiny_model
 from afdserve import LLM, SamplingParams
@@ -22,12 +22,14 @@ def tiny_llama(tmp_path_factory):
     return path, expected
 
 
-@pytest.mark.parametrize("afd, killed", [("1A1F", "ffn 0"), ("1A1F", "attention 0"), ("1A2F", "ffn 1"),
-                                         ("2A1F", "attention 1")])
-def test_killed_worker_loses_no_request(tiny_llama, afd, killed):
+@pytest.mark.parametrize("afd, killed, backend", [("1A1F", "ffn 0", "ray"), ("1A1F", "attention 0", "ray"),
+                                                  ("1A2F", "ffn 1", "ray"), ("2A1F", "attention 1", "ray"),
+                                                  ("1A1F", "ffn 0", "mp"), ("2A1F", "attention 1", "mp")])
+def test_killed_worker_loses_no_request(tiny_llama, afd, killed, backend):
     path, expected = tiny_llama
     # max_num_seqs=2 per attention rank: two run, two wait at 1A1F; at 2A1F each rank runs two.
-    llm = LLM(str(path), dtype="float32", afd=afd, afd_transport="shm", max_num_seqs=2)
+    llm = LLM(str(path), dtype="float32", afd=afd, afd_transport="shm", max_num_seqs=2,
+              distributed_executor_backend=backend)
     engine = llm.engine
     try:
         for i, prompt in enumerate(PROMPTS):
@@ -37,7 +39,8 @@ def test_killed_worker_loses_no_request(tiny_llama, afd, killed):
             finished.update({o.request_id: o for o in engine.step() if o.finished})
         assert engine.core.scheduler.stats().num_running >= 2 and not finished
         role, rank = killed.split()
-        ray.kill(getattr(engine.core.executor, role)[int(rank)])  # asynchronous: a step or two may still complete
+        executor = engine.core.executor
+        executor.actors.kill(getattr(executor, role)[int(rank)])  # Ray's is asynchronous: a step or two may complete
         while engine.has_unfinished():
             finished.update({o.request_id: o for o in engine.step() if o.finished})
         assert engine.core.executor.num_restarts == 1
@@ -48,11 +51,12 @@ def test_killed_worker_loses_no_request(tiny_llama, afd, killed):
         llm.shutdown()
 
 
-def test_a_worker_step_that_raises_is_an_internal_error(tiny_llama):
+@pytest.mark.parametrize("backend", ["ray", "mp"])
+def test_a_worker_step_that_raises_is_an_internal_error(tiny_llama, backend):
     """A step that raises inside a worker (a request it was never sent: a bug's stand-in) restarts the workers too
     (the FFN side is left waiting mid-step) and is reported as an internal error naming the exception."""
     path, expected = tiny_llama
-    llm = LLM(str(path), dtype="float32", afd="1A1F", afd_transport="shm")
+    llm = LLM(str(path), dtype="float32", afd="1A1F", afd_transport="shm", distributed_executor_backend=backend)
     engine = llm.engine
     try:
         bogus = SchedulerOutput([ScheduledRequest("never-sent", 0, 1, [5], [0], samples=True)])

@@ -24,7 +24,8 @@ ENGINE_FLAGS = {
     "--expert-cache-size": None, "--expert-cache-policy": "belady", "--expert-batch-size": None,
     "--expert-batch-max-wait": 4,
 }
-AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--ray-address": None, "--afd-transport": "gloo",
+AFD_FLAGS = {"--afd": None, "--micro-batches": 2, "--distributed-executor-backend": "ray", "--ray-address": None,
+             "--afd-transport": "gloo",
              "--afd-wire": "auto", "--moe-parallel": "adaptive", "--threads-per-worker": None}
 
 # One value off the default for every flag, as a command line and as LLM / engine_config keywords.
@@ -77,10 +78,11 @@ def test_every_flag_is_there_with_its_default_in_its_group():
 
 def test_a_command_line_gives_the_config_its_keywords_give():
     # --kv-staircase is saq's, --kv-window int4's: one config cannot set both (the saq case is below); an attention
-    # policy does not run on int4's staircase, an expert cache not with 1A2F's sharded experts (cases below)
+    # policy does not run on int4's staircase, an expert cache not with 1A2F's sharded experts, local processes not
+    # with a Ray address (cases below)
     off_default = {**ENGINE_FLAGS, **AFD_FLAGS}
     for flag in ("--kv-staircase", "--attention-policy", "--attention-policy-config", "--expert-cache-size",
-                 "--expert-cache-policy"):
+                 "--expert-cache-policy", "--distributed-executor-backend"):
         del off_default[flag]
     assert all(KWARGS[flag[2:].replace("-", "_")] != default for flag, default in off_default.items())
     from_cli = engine_config_from_args(engine_parser().parse_args(ARGV))
@@ -99,6 +101,10 @@ def test_a_command_line_gives_the_config_its_keywords_give():
                                                                  "--expert-cache-policy", "lru"]))
     assert cached == engine_config(expert_cache_size=2, expert_cache_policy="lru")
     assert cached.model.expert_cache == (2, "lru")
+    processes = engine_config_from_args(engine_parser().parse_args(["--afd", "1A1F", "--distributed-executor-backend",
+                                                                    "mp"]))
+    assert processes == engine_config(afd="1A1F", distributed_executor_backend="mp")
+    assert processes.parallel.distributed_executor_backend == "mp"
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -131,7 +137,7 @@ def test_a_bad_value_fails_on_the_command_line_and_in_the_config(capsys):
     with pytest.raises(SystemExit):
         engine_parser().parse_args(["--afd-transport", "tcp"])
     assert "invalid choice: 'tcp'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="afd_transport must be gloo or shm, got 'tcp'"):
+    with pytest.raises(ValueError, match="afd_transport must be one of gloo, shm, nccl, got 'tcp'"):
         engine_config(afd_transport="tcp")
     with pytest.raises(ValueError, match="afd must look like 1A1F"):
         engine_config(afd="1A")
@@ -141,6 +147,7 @@ def test_a_bad_value_fails_on_the_command_line_and_in_the_config(capsys):
     ("--model", ".gguf file"), ("--device", "cuda:N"), ("--kv-cache-dtype", "int4 (KIVI)"),
     ("--num-kv-blocks", "overrides --kv-cache-memory-gb"), ("--afd", "xAyF"), ("--afd-transport", "shared memory"),
     ("--moe-parallel", "expert-parallel"), ("--ray-address", "'auto' joins a running one"),
+    ("--distributed-executor-backend", "local processes, one host, no Ray"), ("--afd-transport", "one GPU per worker"),
 ])
 def test_help_says_what_a_flag_does(flag, words):
     assert words in help_lines()[flag]
@@ -154,7 +161,7 @@ def test_every_config_has_the_same_attributes_with_or_without_afd():
 
 def test_afd_settings_without_afd_are_refused_not_ignored():
     for kwargs in (dict(micro_batches=3), dict(afd_transport="shm"), dict(threads_per_worker=1),
-                   dict(moe_parallel="ep"), dict(ray_address="auto")):
+                   dict(moe_parallel="ep"), dict(ray_address="auto"), dict(distributed_executor_backend="mp")):
         (name,) = kwargs
         with pytest.raises(ValueError, match=f"^{name}: set, but used only with afd"):
             engine_config(**kwargs)
@@ -162,3 +169,29 @@ def test_afd_settings_without_afd_are_refused_not_ignored():
         engine_config(afd="1A1F", moe_parallel="sliced")
     assert engine_config(afd="1A2F", moe_parallel="sliced").parallel.moe_parallel == "sliced"
     assert engine_config(afd="1A1F", micro_batches=3, afd_transport="shm").parallel.micro_batches == 3
+
+
+def test_afd_executor_backend_and_transport_combinations_are_checked():
+    with pytest.raises(ValueError, match="ray_address 'auto' joins a Ray cluster, but distributed_executor_backend "
+                                         "'mp' runs the workers as local processes"):
+        engine_config(afd="1A1F", distributed_executor_backend="mp", ray_address="auto")
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of ray, mp, got 'threads'"):
+        engine_config(afd="1A1F", distributed_executor_backend="threads")
+    with pytest.raises(ValueError, match="afd_transport 'nccl' needs a GPU per worker .device 'cuda', 3 GPUs for "
+                                         "afd 1A2F.; this is device 'cpu' with 0 GPU"):
+        engine_config(afd="1A2F", afd_transport="nccl", device="cpu")
+
+
+def test_afd_on_a_gpu_needs_local_processes_and_nccl_a_gpu_per_worker(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="afd on cuda runs its workers as local processes: add "
+                                         "distributed_executor_backend 'mp'"):
+        engine_config(afd="1A1F", device="cuda")
+    assert engine_config(afd="1A1F", device="cuda", distributed_executor_backend="mp",
+                         afd_transport="nccl").parallel.afd_transport == "nccl"
+    with pytest.raises(ValueError, match="3 GPUs for afd 1A2F.; this is device 'cuda' with 2 GPU"):
+        engine_config(afd="1A2F", device="cuda", distributed_executor_backend="mp", afd_transport="nccl")
+    with pytest.raises(ValueError, match="this is device 'cuda:1' with 2 GPU"):  # one GPU named: no GPU per worker
+        engine_config(afd="1A1F", device="cuda:1", distributed_executor_backend="mp", afd_transport="nccl")

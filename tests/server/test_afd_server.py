@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_tiny_model
-from afdserve.cluster.afd_executor import process_alive
+from afdserve.cluster.actors import process_alive
 from afdserve import LLM, SamplingParams
 
 from .server_process import MODEL_NAME, ServerProcess, command_line, descendant_pids, metric, wait_for
