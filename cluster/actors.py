@@ -194,8 +194,9 @@ class ProcessActors:
 
 # The child runs this, with the parent's import path: a fresh interpreter, not multiprocessing's spawn, which would
 # first re-run the parent's main script (an `LLM(...)` at a script's top level would start workers recursively).
-_CHILD_MAIN = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-               "from afdserve.cluster.actors import serve_worker; serve_worker(sys.argv[2])")
+# Its command line ends with the worker's class, which is how `ps` tells the workers apart.
+_CHILD_MAIN = ("import json, os, sys; sys.path[:0] = json.loads(os.environ.pop('AFDSERVE_WORKER_SYS_PATH')); "
+               "from afdserve.cluster.actors import serve_worker; serve_worker(sys.argv[1])")
 
 
 class ProcessWorker:
@@ -205,9 +206,9 @@ class ProcessWorker:
     def __init__(self, cls: type, args: tuple):
         authkey = secrets.token_bytes(16)
         with Listener(family="AF_UNIX", authkey=authkey) as listener:
-            env = {**os.environ, _AUTHKEY_ENV: authkey.hex()}
-            self.process = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, json.dumps(sys.path),
-                                             listener.address], env=env)
+            env = {**os.environ, _AUTHKEY_ENV: authkey.hex(), "AFDSERVE_WORKER_SYS_PATH": json.dumps(sys.path)}
+            self.process = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, listener.address, cls.__name__],
+                                            env=env)
             self._calls, self._results = _accept(listener, self.process), _accept(listener, self.process)
         self.name = cls.__name__
         self._ids = itertools.count()

@@ -44,5 +44,7 @@ def test_every_kv_dtype_perplexity_at_default_flags(smollm2_dir, num_tokens):
     assert abs(delta["int8"]) < 0.005
     assert abs(delta["fp8_e4m3"]) < 0.0075  # +0.28% at 2,048, +0.56% at 4,096 (README)
     assert ppl["int4"] != full and abs(delta["int4"]) < 0.05
-    # saq lands with int8 and int4: measured between them at 2,048 and 0.02 points above int8 at 4,096
-    assert delta["saq"] <= max(delta["int8"], delta["int4"]) + 0.001 and abs(delta["saq"]) < 0.005
+    # saq lands with int8 and int4: between them at 2,048 tokens on both host kinds; at 4,096 above int8 by 0.02
+    # points on an AVX2 host and by 0.11 on an AVX-512 one (+0.07% against -0.04%), where the order of the three is
+    # within the hosts' rounding differences: a margin of 0.2 points
+    assert delta["saq"] <= max(delta["int8"], delta["int4"]) + 0.002 and abs(delta["saq"]) < 0.005

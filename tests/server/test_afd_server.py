@@ -104,12 +104,19 @@ def test_afd_server_greedy_equals_local(model, afd, micro_batches, smollm2_dir, 
             assert expert_tokens("1") == 0
 
 
-def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
+def is_ffn_worker(pid: int, backend: str) -> bool:
+    """Ray names its actor processes ray::FFNWorker; a local worker process's command line ends with its class."""
+    line = command_line(pid)
+    return line.startswith("ray::FFNWorker") if backend == "ray" else line.split()[-1:] == ["FFNWorker"]
+
+
+@pytest.mark.parametrize("backend", ["ray", "mp"])
+def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path, backend):
     long = SamplingParams(temperature=0, max_tokens=LONG_TOKENS, ignore_eos=True)
     expected = [o.outputs[0].text for o in LLM(str(tiny_moe), dtype="float32", max_model_len=2048).generate(
         PROMPTS[:3], long, use_tqdm=False)]
     with ServerProcess(tiny_moe, tmp_path / "server.log", "--num-kv-blocks", "64", "--afd", "1A1F",
-                       "--afd-transport", "shm") as server:
+                       "--afd-transport", "shm", "--distributed-executor-backend", backend) as server:
         client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
         request = dict(model=MODEL_NAME, temperature=0, max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True})
         started, texts, chunks_seen = threading.Barrier(3), {}, {}
@@ -131,7 +138,7 @@ def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
         for t in threads:
             t.start()
         started.wait(timeout=60)  # both streams have tokens; the non-streaming request is in the same batches
-        ffn = [pid for pid in descendant_pids(server.proc.pid) if command_line(pid).startswith("ray::FFNWorker")]
+        ffn = [pid for pid in descendant_pids(server.proc.pid) if is_ffn_worker(pid, backend)]
         assert len(ffn) == 1
         at_kill = dict(chunks_seen)
         os.kill(ffn[0], signal.SIGKILL)
@@ -139,8 +146,7 @@ def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
             t.join(timeout=120)
         # Each request recomputed its KV on the new workers and went on: the same text as without the kill.
         assert [texts.get(i) for i in range(3)] == expected
-        replacement = [pid for pid in descendant_pids(server.proc.pid)
-                       if command_line(pid).startswith("ray::FFNWorker")]
+        replacement = [pid for pid in descendant_pids(server.proc.pid) if is_ffn_worker(pid, backend)]
         assert len(replacement) == 1 and replacement != ffn
         assert max(at_kill.values()) < LONG_TOKENS / 2  # the kill came early in the streams
         assert httpx.get(server.url("/health")).status_code == 200
@@ -149,10 +155,10 @@ def test_killed_ffn_worker_mid_stream_loses_no_request(tiny_moe, tmp_path):
         assert metric(samples, "afdserve:kv_cache_usage_perc") == 0
         assert metric(samples, "afdserve:request_success_total", finished_reason="length") == 3
         assert server.proc.poll() is None
-        ray_processes = descendant_pids(server.proc.pid)
-        assert any(command_line(pid).startswith("ray::") for pid in ray_processes)
-    # The server started its own Ray, so it stops all of it on exit: raylet, GCS, workers and the raylet's agents
-    # (ray::DashboardAgent, ray::RuntimeEnvAgent), which outlived the server before.
+        children = descendant_pids(server.proc.pid)
+        assert any(command_line(pid).startswith("ray::") for pid in children) == (backend == "ray")
+    # The server stops every process it started on exit: its worker processes, or the Ray it started (raylet, GCS,
+    # workers and the raylet's agents, ray::DashboardAgent and ray::RuntimeEnvAgent, which outlived it before).
     assert server.proc.returncode == 0
-    left = wait_for(lambda: not [pid for pid in ray_processes if process_alive(pid)] or None, timeout=30)
-    assert left, [command_line(pid) for pid in ray_processes if process_alive(pid)]
+    left = wait_for(lambda: not [pid for pid in children if process_alive(pid)] or None, timeout=30)
+    assert left, [command_line(pid) for pid in children if process_alive(pid)]
