@@ -106,6 +106,20 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scales
 
 
+def dequantize_fp8_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """A block-scaled fp8 checkpoint weight (DeepSeek-V3's format) in fp32: codes float8_e4m3fn [N, K] times the
+    scale of their block, scale_inv fp32 [ceil(N / rows), ceil(K / cols)] for block (rows, cols); the last blocks
+    of a row or column may be partial. (The checkpoint calls the multiplier `weight_scale_inv`: the inverse of the
+    quantizer's scale.)"""
+    rows, cols = block
+    n, k = codes.shape
+    if scale_inv.shape != (-(-n // rows), -(-k // cols)):
+        raise ValueError(f"fp8 weight of shape {tuple(codes.shape)} with blocks of {rows} x {cols} needs "
+                         f"{-(-n // rows)} x {-(-k // cols)} scales, got {tuple(scale_inv.shape)}")
+    per_value = scale_inv.float().repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+    return codes.float() * per_value
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation scales, one per row of x [T, K]: (codes float8_e4m3fn [T, K], scales fp32 [T, 1]). Also
     the FP8 A->F wire format (cluster/wire.py)."""

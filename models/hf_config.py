@@ -41,6 +41,9 @@ class TransformerConfig:
     torch_dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # (rows, cols) of the weight blocks of a block-scaled fp8 checkpoint (DeepSeek-V3's, Qwen3's -FP8 releases): each
+    # fp8 weight comes with one `weight_scale_inv` per block, and the loader dequantizes it (models/loader.py).
+    fp8_weight_block: tuple[int, int] | None = None
     raw: dict = field(default_factory=dict)  # the whole config.json, for model-specific fields
 
     @property
@@ -108,8 +111,33 @@ def load_transformer_config(model_dir: Path) -> TransformerConfig:
         torch_dtype=_DTYPES.get(dtype_name, torch.float32),
         eos_token_ids=eos,
         bos_token_id=raw.get("bos_token_id"),
+        fp8_weight_block=_fp8_weight_block(path, raw.get("quantization_config")),
         raw=raw,
     )
+
+
+def _fp8_weight_block(path: Path, quantization: dict | None) -> tuple[int, int] | None:
+    """The weight block of a checkpoint quantized as DeepSeek-V3 ships (`quant_method` fp8, dynamic activations,
+    fp32 block scales); None for an unquantized one. Any other quantized format is refused by name: its tensors
+    would not load."""
+    if not quantization:
+        return None
+    method = quantization.get("quant_method")
+    where = f"{path}: quantization_config"
+    if method != "fp8":
+        raise ValueError(f"{where} has quant_method {method!r}; afdserve loads unquantized checkpoints and fp8 ones "
+                         f"with block scales (quant_method 'fp8', as DeepSeek-V3 ships)")
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"{where}: fp8 without weight_block_size [rows, cols] (per-tensor fp8 scales) is not "
+                         f"supported; got weight_block_size {block!r}")
+    if quantization.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(f"{where}: activation_scheme {quantization['activation_scheme']!r} (static input scales) is "
+                         f"not supported; afdserve reads fp8 checkpoints with dynamic activations")
+    if quantization.get("scale_fmt", "float") != "float":
+        raise ValueError(f"{where}: scale_fmt {quantization['scale_fmt']!r} is not supported; afdserve reads fp32 "
+                         f"block scales (scale_fmt 'float')")
+    return int(block[0]), int(block[1])
 
 
 def resolve_dtype(name: str, config: TransformerConfig, device: str = "cpu") -> torch.dtype:

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from afdserve.kernels.attention import AttentionBackend
+from afdserve.kernels.quant_linear import dequantize_fp8_blocks
 from afdserve.models.hf_config import TransformerConfig
 from afdserve.models.registry import build_model
 
@@ -25,6 +26,32 @@ def iter_safetensors(model_dir: Path):
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"cannot read weights file {path}: {e}") from None
+
+
+def dequantized_fp8_weights(weights, block: tuple[int, int]):
+    """The tensors of a block-scaled fp8 checkpoint with every fp8 weight `X.weight` replaced by its fp32 value, from
+    its codes and `X.weight_scale_inv` (kernels/quant_linear.dequantize_fp8_blocks); other tensors pass through.
+    A checkpoint stores the two side by side (safetensors sorts names), so at most one waits for its partner."""
+    codes: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, tensor in weights:
+        if name.endswith(".weight_scale_inv"):
+            weight = name.removesuffix("_scale_inv")
+            if weight in codes:
+                yield weight, dequantize_fp8_blocks(codes.pop(weight), tensor, block)
+            else:
+                scales[weight] = tensor
+        elif tensor.dtype == torch.float8_e4m3fn:
+            if name in scales:
+                yield name, dequantize_fp8_blocks(tensor, scales.pop(name), block)
+            else:
+                codes[name] = tensor
+        else:
+            yield name, tensor
+    unpaired = sorted(codes) + sorted(scales)
+    if unpaired:
+        raise ValueError(f"fp8 checkpoint: {len(unpaired)} fp8 weight(s) without a weight_scale_inv, or scales "
+                         f"without their weight, e.g. {unpaired[:3]}")
 
 
 def load_weights(model: nn.Module, weights) -> None:
@@ -155,7 +182,10 @@ def load_model(model_dir: Path, cfg: TransformerConfig, dtype: torch.dtype, max_
     model = build_model(cfg, max_positions, attention)
     if role is not None:
         model.prune_to_role(role)
-    load_weights(model, iter_safetensors(model_dir))
+    weights = iter_safetensors(model_dir)
+    if cfg.fp8_weight_block is not None:  # served in the model dtype (or re-quantized by `quantization`)
+        weights = dequantized_fp8_weights(weights, cfg.fp8_weight_block)
+    load_weights(model, weights)
     cast_model(model, dtype)
     model.to(device)
     model.eval().prepare_for_inference(quantization)
