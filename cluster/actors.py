@@ -263,22 +263,33 @@ class ProcessWorker:
 
 
 _AUTHKEY_ENV = "AFDSERVE_WORKER_AUTHKEY"
+WORKER_START_TIMEOUT_S = 300  # from spawn to connected: the interpreter and its imports (torch), not the model
 
 
 def _accept(listener: Listener, process: subprocess.Popen) -> Connection:
-    """The child's next connection; a child that exits before connecting (a broken environment) raises."""
+    """The child's next connection. A child that exits first (a broken environment), or does not connect within
+    WORKER_START_TIMEOUT_S (a hung import), is killed and raises."""
     result: list = []
 
     def accept() -> None:
-        with contextlib.suppress(OSError):  # the listener closed: the child never connected
+        try:
             result.append(listener.accept())
+        except Exception as e:  # noqa: BLE001 - the listener closed, or a peer failed authentication
+            result.append(e)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     while thread.is_alive():
         thread.join(timeout=0.5)
-        if process.poll() is not None and thread.is_alive():
+        if thread.is_alive() and process.poll() is not None:
             raise WorkerLostError(f"the worker process exited with code {process.returncode} before it started")
+        if thread.is_alive() and time.monotonic() > deadline:
+            process.kill()
+            raise WorkerLostError(f"the worker process did not start within {WORKER_START_TIMEOUT_S} s")
+    if isinstance(result[0], Exception):
+        process.kill()
+        raise WorkerLostError(f"the worker process could not connect ({type(result[0]).__name__})")
     return result[0]
 
 

@@ -41,3 +41,13 @@ def test_a_killed_worker_fails_its_calls_as_lost():
     actors.kill(counter)
     with pytest.raises(WorkerLostError, match="the worker process (has exited|exited with code -9)"):
         actors.get([actors.call(counter, "total")], timeout=60)
+
+
+@pytest.mark.parametrize("child, words", [("import sys; sys.exit(3)", "exited with code 3 before it started"),
+                                          ("import time; time.sleep(60)", "did not start within 1 s")])
+def test_a_worker_that_never_starts_is_named(monkeypatch, child, words):
+    from afdserve.cluster import actors as module
+    monkeypatch.setattr(module, "_CHILD_MAIN", child)
+    monkeypatch.setattr(module, "WORKER_START_TIMEOUT_S", 1)
+    with pytest.raises(WorkerLostError, match=words):
+        ProcessActors().start(collections.Counter, role="afd_ffn")
