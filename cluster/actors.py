@@ -25,7 +25,6 @@ import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
-from afdserve.engine.config import EXECUTOR_BACKENDS
 
 
 class WorkerRaisedError(RuntimeError):
@@ -43,11 +42,8 @@ class WorkerLostError(RuntimeError):
 
 
 def make_actors(backend: str, ray_address: str | None = None):
-    if backend == "ray":
-        return RayActors(ray_address)
-    if backend == "mp":
-        return ProcessActors()
-    raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")
+    """backend: "ray" or "mp" (engine/config.EXECUTOR_BACKENDS, which ParallelConfig checks)."""
+    return RayActors(ray_address) if backend == "ray" else ProcessActors()
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
@@ -215,13 +211,10 @@ class ProcessWorker:
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()  # the engine thread and a /metrics reader both call
         self._lost = False
-        self._pending[next(self._ids)] = self._started = concurrent.futures.Future()
-        self._calls.send((cls, args))  # its result is call 0: the constructor's
+        # Call 0 is the constructor; a failed one is reported again on every later call, so nothing waits on it here.
+        self._pending[next(self._ids)] = concurrent.futures.Future()
+        self._calls.send((cls, args))
         threading.Thread(target=self._read_results, daemon=True, name=f"afdserve-{self.name}-results").start()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     def call(self, method: str, args: tuple, kwargs: dict) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()

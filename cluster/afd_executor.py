@@ -77,7 +77,7 @@ class AFDExecutor:
 
     def _start_workers(self) -> None:
         config, model_dir, model_config, num_kv_blocks, max_model_len = self._worker_args
-        par, start, call, get = config.parallel, self.actors.start, self.actors.call, self.actors.get
+        par, start = config.parallel, self.actors.start
         threads = par.threads_per_worker or max(1, (os.cpu_count() or 2) // (len(self.attention_ranks) +
                                                                             len(self.ffn_ranks)))
         self.attention = [start(AttentionWorker, worker_config(config, rank), model_dir, model_config, num_kv_blocks,
@@ -87,15 +87,15 @@ class AFDExecutor:
                     for index, rank in enumerate(self.ffn_ranks)]
         self._connect(par.afd_transport, config, model_config)
         if len(self.ffn) > 1:  # sharded FFN halves: the FFN workers' own group, for expert-parallel passes
-            host, port = self.actors.host(self.ffn[0]), get([call(self.ffn[0], "free_port")])[0]
-            get([call(ffn, "init_expert_group", host, port) for ffn in self.ffn])
-        get([call(ffn, "start", self.attention_ranks) for ffn in self.ffn])
+            host, port = self.actors.host(self.ffn[0]), self._call_all(self.ffn[:1], "free_port")[0]
+            self._call_all(self.ffn, "init_expert_group", host, port)
+        self._call_all(self.ffn, "start", self.attention_ranks)
 
     def _connect(self, kind: str, config: EngineConfig, model_config: TransformerConfig) -> None:
         call = self.actors.call
         if kind in ("gloo", "nccl"):
             host = self.actors.host(self.attention[0])
-            port = self.actors.get([call(self.attention[0], "free_port")])[0]
+            port = self._call_all(self.attention[:1], "free_port")[0]
             common = dict(world_size=len(self.attention) + len(self.ffn), init_method=f"tcp://{host}:{port}")
         else:
             # One slot per micro-batch in flight; a slot holds the largest message: a full step's tokens x hidden.
@@ -142,7 +142,7 @@ class AFDExecutor:
                 # A dead attention worker's step is "ready" with its error while the others wait on the FFN side for
                 # its micro-batches, forever: raise it now.
                 actors.get(ready)
-                if not all(actors.get([actors.call(w, "ping") for w in self.ffn], timeout=30)):
+                if not all(self._call_all(self.ffn, "ping", timeout=30)):
                     raise FFNServingStoppedError("an FFN worker's serving thread has stopped")
         except WorkerRaisedError as e:  # the worker is alive, its step raised: a bug, not a lost worker
             logger.error("AFD worker step raised (restarting the workers):\n%s", e.detail)
@@ -202,8 +202,9 @@ class AFDExecutor:
         self._refresh_stage_times()
         return self._latest_stage_times
 
-    def _call_all(self, workers: list, method: str) -> list:
-        return self.actors.get([self.actors.call(w, method) for w in workers])
+    def _call_all(self, workers: list, method: str, *args, timeout: float | None = None) -> list:
+        """`method(*args)` on every worker at once; their results in order."""
+        return self.actors.get([self.actors.call(w, method, *args) for w in workers], timeout=timeout)
 
     def stage_times(self) -> dict:
         """Per-layer attention / FFN compute and wait times, and each worker's bubble, since start (worker 0 of
@@ -220,7 +221,7 @@ class AFDExecutor:
 
     def shutdown(self) -> None:
         try:
-            self.actors.get([self.actors.call(w, "stop_ffn") for w in self.attention], timeout=30)
+            self._call_all(self.attention, "stop_ffn", timeout=30)
         finally:
             self._stop_workers()
             self.actors.shutdown()

@@ -1,4 +1,5 @@
-"""AttentionWorker: an actor (Ray, or a local process: cluster/actors.py) that owns the KV cache and runs everything but the FFN halves.
+"""AttentionWorker: an actor (Ray, or a local process: cluster/actors.py) that owns the KV cache and runs everything
+but the FFN halves.
 
 It is a ModelRunner whose forward pass is the one layer loop (models/layer_loop.run_layers) with a remote FFN port:
 each layer's FFN input goes to the FFN workers. The step's batch splits into m micro-batches kept in flight, so the

@@ -1,4 +1,5 @@
-"""FFNWorker: an actor (Ray, or a local process: cluster/actors.py) that holds the FFN halves (MLP or MoE experts) and serves every attention worker.
+"""FFNWorker: an actor (Ray, or a local process: cluster/actors.py) that holds the FFN halves (MLP or MoE experts)
+and serves every attention worker.
 
 Per step it reads a header from each attention worker (how many micro-batches, how many tokens each; none for a
 data-parallel rank with nothing scheduled). Then for every layer and micro-batch index j it receives `ffn_input`
@@ -44,8 +45,8 @@ class FFNWorker:
         # MLP / MoE only; several FFN workers each hold a shard, and MoE passes run expert-parallel or expert-sliced.
         shard = (ffn_index, num_ffn_workers) if num_ffn_workers > 1 else None
         self.model = load_model(model_dir, model_config, self.dtype, max_model_len, device=self.device, role="ffn",
-                                ffn_shard=shard,
-                                quantization=config.model.quantization, expert_cache=config.model.expert_cache)
+                                ffn_shard=shard, quantization=config.model.quantization,
+                                expert_cache=config.model.expert_cache)
         self.planner = MoEParallelPlanner(num_ffn_workers, config.parallel.moe_parallel) if num_ffn_workers > 1 else None
         self.ffn_index, self.num_ffn_workers = ffn_index, num_ffn_workers
         self.hidden_size = model_config.hidden_size

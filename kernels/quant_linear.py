@@ -113,9 +113,10 @@ def dequantize_fp8_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, block: t
     quantizer's scale.)"""
     rows, cols = block
     n, k = codes.shape
-    if scale_inv.shape != (-(-n // rows), -(-k // cols)):
+    grid = (-(-n // rows), -(-k // cols))
+    if scale_inv.shape != grid:
         raise ValueError(f"fp8 weight of shape {tuple(codes.shape)} with blocks of {rows} x {cols} needs "
-                         f"{-(-n // rows)} x {-(-k // cols)} scales, got {tuple(scale_inv.shape)}")
+                         f"{grid[0]} x {grid[1]} scales, got {tuple(scale_inv.shape)}")
     per_value = scale_inv.float().repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
     return codes.float() * per_value
 

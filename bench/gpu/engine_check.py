@@ -39,10 +39,10 @@ from afdserve.bench.throughput import ThroughputSpec, format_result, run_through
 from afdserve.engine.llm import LLM, engine_config
 from afdserve.engine.sampling_params import SamplingParams
 
-PROMPT_LENGTHS = (5, 17, 33, 64)
+PROMPT_LENGTHS = (5, 17, 33, 64)  # token-id prompts: any model's vocabulary serves, a random stand-in's too
 # The afd mode: two local processes (the GPU image has no Ray) on the one GPU; NCCL refuses two ranks on one GPU.
 AFD_ARGS = dict(afd="1A1F", distributed_executor_backend="mp", afd_transport="shm")
-MODE_ARGS = {"graphs": {}, "eager": dict(enforce_eager=True), "fp8": dict(quantization="fp8"), "afd": AFD_ARGS}  # token-id prompts: any model's vocabulary serves, a random stand-in's too
+MODE_ARGS = {"graphs": {}, "eager": dict(enforce_eager=True), "fp8": dict(quantization="fp8"), "afd": AFD_ARGS}
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
